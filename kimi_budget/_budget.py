@@ -1,0 +1,194 @@
+"""The budget policy: which caps apply to a call, and the calendar windows they count over.
+
+A ``Budget`` holds USD caps. ``per_call`` bounds one call's projected cost; the others bound the
+spend in a calendar window (hour, day, ISO week starting Monday, month, or all time) in the
+budget's time zone. ``scope`` limits the ledger rows (and calls) a budget applies to: a row
+counts when its tags contain every ``key=value`` of the scope.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from ._money import parse_usd, usd_to_nanos_floor
+
+__all__ = ["WINDOWS", "Budget", "format_utc", "window_bounds"]
+
+# Order matters: the narrowest window is checked (and reported) first.
+WINDOWS = ("hourly", "daily", "weekly", "monthly", "total")
+_CAPS = ("per_call", *WINDOWS)
+UTC = timezone.utc
+
+
+class Budget:
+    """USD spending caps, each optional, over calendar windows in one time zone.
+
+    >>> Budget(per_call="0.05", daily="5", monthly=100, tz="Asia/Shanghai")
+    Budget(per_call='0.05', daily='5', monthly='100', tz='Asia/Shanghai')
+    """
+
+    __slots__ = ("_caps", "_caps_nanos", "_scope", "_scope_key", "_tz", "_tz_name")
+
+    def __init__(
+        self,
+        *,
+        per_call: object = None,
+        hourly: object = None,
+        daily: object = None,
+        weekly: object = None,
+        monthly: object = None,
+        total: object = None,
+        tz: str = "UTC",
+        scope: Mapping[str, str] | None = None,
+    ) -> None:
+        given = dict(
+            per_call=per_call, hourly=hourly, daily=daily, weekly=weekly, monthly=monthly, total=total
+        )
+        self._caps = {
+            name: parse_usd(value, what=f"Budget {name}")
+            for name, value in given.items()
+            if value is not None
+        }
+        self._caps_nanos = {name: usd_to_nanos_floor(cap) for name, cap in self._caps.items()}
+        if not isinstance(tz, str) or not tz:
+            raise ValueError(f"Budget tz must be an IANA time zone name such as 'UTC', not {tz!r}.")
+        try:
+            self._tz = ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"Budget tz {tz!r} is not a known IANA time zone; use a name such as "
+                f"'UTC' or 'Asia/Shanghai'."
+            ) from None
+        self._tz_name = tz
+        self._scope = canonical_tags(scope or {}, what="Budget scope")
+        self._scope_key = tags_json(self._scope)
+
+    @property
+    def caps(self) -> dict[str, Decimal]:
+        """The caps that are set, in USD, narrowest first."""
+        return {name: self._caps[name] for name in _CAPS if name in self._caps}
+
+    @property
+    def caps_nanos(self) -> dict[str, int]:
+        return {name: self._caps_nanos[name] for name in _CAPS if name in self._caps_nanos}
+
+    @property
+    def windows(self) -> tuple[str, ...]:
+        """The calendar windows this budget caps (``per_call`` is not a window)."""
+        return tuple(name for name in WINDOWS if name in self._caps)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return self._tz
+
+    @property
+    def tz_name(self) -> str:
+        return self._tz_name
+
+    @property
+    def scope(self) -> dict[str, str]:
+        return dict(self._scope)
+
+    @property
+    def scope_key(self) -> str:
+        return self._scope_key
+
+    def applies_to(self, tags: Mapping[str, str]) -> bool:
+        return all(tags.get(key) == value for key, value in self._scope.items())
+
+    def __repr__(self) -> str:
+        parts = [f"{name}={str(cap)!r}" for name, cap in self.caps.items()]
+        parts.append(f"tz={self._tz_name!r}")
+        if self._scope:
+            parts.append(f"scope={self._scope!r}")
+        return f"Budget({', '.join(parts)})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Budget):
+            return NotImplemented
+        return (self._caps, self._tz_name, self._scope) == (
+            other._caps,
+            other._tz_name,
+            other._scope,
+        )
+
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self._caps.items())), self._tz_name, self._scope_key))
+
+
+def canonical_tags(tags: Mapping[str, Any], *, what: str = "tags") -> dict[str, str]:
+    """Tags as a plain ``{str: str}`` dict sorted by key; other shapes are a clear error."""
+    if not isinstance(tags, Mapping):
+        raise ValueError(f"{what} must be a dict of strings such as {{'project': 'crawler'}}.")
+    result: dict[str, str] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{what} keys must be non-empty strings, not {key!r}.")
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise ValueError(f"{what} value for {key!r} must be a string, not {value!r}.")
+        result[key] = str(value)
+    return dict(sorted(result.items()))
+
+
+def tags_json(tags: Mapping[str, str]) -> str:
+    return json.dumps(dict(sorted(tags.items())), separators=(",", ":"), ensure_ascii=False)
+
+
+def format_utc(instant: datetime) -> str:
+    """An instant as fixed-width ISO 8601 UTC, so that text order is time order in SQLite."""
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def window_bounds(window: str, instant: datetime, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    """The ``[start, end)`` of the calendar window holding ``instant``, as UTC datetimes.
+
+    Windows are computed on the local calendar, so a day in Asia/Shanghai starts at 16:00 UTC
+    and a day across a DST change lasts 23 or 25 hours.
+    """
+    if window == "total":
+        return datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+    local = instant.astimezone(tz)
+    if window == "hourly":
+        # Hour windows follow UTC hours shifted by the zone's offset; do it in UTC so that a
+        # repeated local hour at a DST change is two windows, not one.
+        offset = local.utcoffset() or timedelta(0)
+        shifted = instant.astimezone(UTC) + offset
+        start_shifted = shifted.replace(minute=0, second=0, microsecond=0)
+        start = start_shifted - offset
+        return start, start + timedelta(hours=1)
+    day = local.date()
+    if window == "daily":
+        first, following = day, day + timedelta(days=1)
+    elif window == "weekly":
+        first = day - timedelta(days=day.weekday())
+        following = first + timedelta(days=7)
+    elif window == "monthly":
+        first = day.replace(day=1)
+        following = (first + timedelta(days=32)).replace(day=1)
+    else:
+        raise ValueError(f"unknown window {window!r}")
+    return _local_midnight(first, tz), _local_midnight(following, tz)
+
+
+def _local_midnight(day: Any, tz: ZoneInfo) -> datetime:
+    naive = datetime(day.year, day.month, day.day)
+    # A zone whose DST starts at midnight has no 00:00 that day; the day starts at the first
+    # instant that exists, which round-tripping through UTC finds.
+    aware = naive.replace(tzinfo=tz)
+    return aware.astimezone(UTC).astimezone(tz).replace(tzinfo=tz).astimezone(UTC)
+
+
+def window_key(window: str, instant: datetime, tz: ZoneInfo) -> str:
+    """The stored key of the window holding ``instant``: its UTC start, or '' for all time."""
+    if window == "total":
+        return ""
+    return format_utc(window_bounds(window, instant, tz)[0])

@@ -1,0 +1,382 @@
+"""``OpenAI`` and ``AsyncOpenAI``: the SDK's clients, guarded.
+
+Modelled on the SDK's own ``AzureOpenAI``: a subclass that takes every argument the parent
+takes, keeps its extra state through ``copy()``/``with_options()``, and hooks two methods:
+
+- ``request()``, the single choke point of every endpoint: chat completions are pre-checked,
+  reserved and settled around it, and every endpoint's HTTP attempts are retried by our one
+  tenacity policy (each attempt runs with the SDK's own retries off).
+- ``_send_request()``, one HTTP attempt: counts attempts, and puts a usage-watching tee on a
+  streamed body (see ``_streams``).
+
+Nothing the caller receives is changed: no ``stream_options`` are added, results are the
+SDK's own objects, and errors from Moonshot are the SDK's own exception classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import openai
+
+from ._balance import Balance, parse_balance
+from ._budget import Budget, canonical_tags
+from ._config import resolve_settings
+from ._guard import (
+    ACTIVE_CALL,
+    Call,
+    GuardSettings,
+    Prepared,
+    is_chat_completion,
+    prepare,
+    read_timeout,
+    recount_exactly,
+    request_body,
+)
+from ._exceptions import BudgetExceededError
+from ._ledger import Ledger
+from ._retry import explain_quota_error, log
+from ._streams import tee_async, tee_sync
+
+__all__ = ["AsyncOpenAI", "OpenAI"]
+
+DEFAULT_BASE_URL = "https://api.moonshot.ai/v1"
+_UNSET: Any = object()
+_GUARD_ARGS = (
+    "ledger",
+    "budget",
+    "tags",
+    "prices",
+    "prices_file",
+    "token_counter",
+    "exact_tokens",
+    "reservation_margin",
+)
+
+
+def _api_key(api_key: Any) -> Any:
+    if api_key is not None:
+        return api_key
+    key = os.environ.get("MOONSHOT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    if not key:
+        raise openai.OpenAIError(
+            "No API key: pass api_key= or set MOONSHOT_API_KEY (OPENAI_API_KEY also works)."
+        )
+    return key
+
+
+def _base_url(base_url: Any) -> Any:
+    if base_url is not None:
+        return base_url
+    return os.environ.get("MOONSHOT_BASE_URL") or DEFAULT_BASE_URL
+
+
+def _attempt_options(options: Any, number: int) -> Any:
+    """The options of one HTTP attempt: the SDK's own retries off, the attempt numbered."""
+    attempt = options.model_copy()
+    attempt.max_retries = 0
+    headers = dict(options.headers or {})
+    if not any(key.lower() == "x-stainless-retry-count" for key in headers):
+        headers["x-stainless-retry-count"] = str(number - 1)
+    attempt.headers = headers
+    return attempt
+
+
+class _Guarded:
+    """What the sync and async clients share (no I/O here)."""
+
+    _kb: GuardSettings
+    api_key: Any
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger this client records to."""
+        return self._kb.ledger
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        return self._kb.budgets
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return dict(self._kb.tags)
+
+    def _kb_secrets(self) -> tuple[str, ...]:
+        return (self.api_key,) if isinstance(self.api_key, str) else ()
+
+    def _kb_copy_settings(self, overrides: dict[str, Any]) -> GuardSettings:
+        settings = self._kb
+        if overrides.get("ledger", _UNSET) is not _UNSET:
+            ledger = overrides["ledger"]
+            settings = replace(settings, ledger=ledger if isinstance(ledger, Ledger) else Ledger(ledger))
+        if overrides.get("budget", _UNSET) is not _UNSET:
+            budget = overrides["budget"]
+            budgets = () if budget is None else (budget,) if isinstance(budget, Budget) else tuple(budget)
+            settings = replace(settings, budgets=budgets)
+        if overrides.get("tags", _UNSET) is not _UNSET:
+            settings = replace(settings, tags={**settings.tags, **canonical_tags(overrides["tags"] or {})})
+        return settings
+
+    def _kb_call(self, prepared: Prepared, options: Any, stream: bool) -> Call:
+        timeout = options.timeout if isinstance(options.timeout, int | float) or hasattr(
+            options.timeout, "read"
+        ) else getattr(self, "timeout", None)
+        return Call(
+            self._kb,
+            prepared,
+            tags=self._kb.tags,
+            stream=stream,
+            timeout=read_timeout(timeout),
+            secrets=self._kb_secrets(),
+        )
+
+
+def _guard_settings(kwargs: dict[str, Any]) -> tuple[GuardSettings | None, dict[str, Any]]:
+    guard = kwargs.pop("_guard", None)
+    given = {name: kwargs.pop(name) for name in _GUARD_ARGS if name in kwargs}
+    return guard, given
+
+
+class OpenAI(_Guarded, openai.OpenAI):
+    """``openai.OpenAI`` for Moonshot's Kimi API, with a hard cap on spend.
+
+    Takes every argument ``openai.OpenAI`` takes, plus ``ledger``, ``budget``, ``tags``,
+    ``prices``, ``prices_file``, ``token_counter``, ``exact_tokens`` and
+    ``reservation_margin``. ``api_key`` defaults to ``MOONSHOT_API_KEY`` (then
+    ``OPENAI_API_KEY``), ``base_url`` to ``MOONSHOT_BASE_URL`` or Moonshot's international API.
+    """
+
+    def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
+        guard, given = _guard_settings(kwargs)
+        super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
+        self._kb = guard if guard is not None else resolve_settings(**given)
+
+    def copy(self, **kwargs: Any) -> OpenAI:  # type: ignore[override]
+        overrides = {name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs}
+        extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
+        return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[no-any-return]
+
+    with_options = copy  # type: ignore[assignment]
+
+    def request(  # type: ignore[override]
+        self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
+    ) -> Any:
+        parent = super().request
+        max_retries = options.get_max_retries(self.max_retries)
+
+        def send(attempt: Any) -> Any:
+            return parent(cast_to, attempt, stream=stream, stream_cls=stream_cls)
+
+        if not is_chat_completion(options):
+            return self._kb_attempts(send, options, max_retries, None)
+        call = self._kb_begin(options, stream)
+        token = ACTIVE_CALL.set(call)
+        try:
+            result = self._kb_attempts(send, options, max_retries, call)
+        except BaseException as exc:
+            call.failed(exc)
+            clearer = explain_quota_error(exc)
+            if clearer is exc:
+                raise
+            raise clearer from None
+        finally:
+            ACTIVE_CALL.reset(token)
+        call.succeeded(result)
+        return result
+
+    def _kb_attempts(self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None) -> Any:
+        retrying = self._kb.retry.retrying(max_retries, call.before_attempt if call else None)
+        for attempt in retrying:
+            with attempt:
+                return send(_attempt_options(options, attempt.retry_state.attempt_number))
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _kb_begin(self, options: Any, stream: bool) -> Call:
+        body = request_body(options)
+        prepared = prepare(self._kb, body, self._kb_exact_count)
+        call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
+        try:
+            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+        except BudgetExceededError:
+            if not recount_exactly(prepared, self._kb_exact_count, self._kb):
+                raise
+            call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
+            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+        return call
+
+    def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
+        """Moonshot's free, exact prompt count (``POST /tokenizers/estimate-token-count``)."""
+        payload = {key: body[key] for key in ("model", "messages", "tools") if key in body}
+        response = self.post(
+            "/tokenizers/estimate-token-count", body=payload, cast_to=_http_response_type()
+        )
+        return _total_tokens(response.content)
+
+    def _send_request(self, request: Any, *, stream: bool, **kwargs: Any) -> Any:
+        call = ACTIVE_CALL.get()
+        if call is None:
+            return super()._send_request(request, stream=stream, **kwargs)
+        call.in_flight = True
+        try:
+            response = super()._send_request(request, stream=stream, **kwargs)
+        except Exception:
+            call.on_transport_error()
+            raise
+        sniffer = call.on_response(response, stream)
+        if sniffer is not None:
+            response.stream = tee_sync(response.stream, sniffer, call)
+        return response
+
+    def balance(self) -> Balance:
+        """The account's balance (``GET /users/me/balance``): available, voucher and cash."""
+        response = self.get("/users/me/balance", cast_to=_http_response_type())
+        return parse_balance(response.content, str(self.base_url))
+
+
+class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI`` for Moonshot's Kimi API, with a hard cap on spend.
+
+    Takes the same extra arguments as :class:`OpenAI`. Ledger writes are short SQLite
+    transactions and run inline; a budget shared with other processes waits at most
+    ``busy_timeout`` for the file lock.
+    """
+
+    def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
+        guard, given = _guard_settings(kwargs)
+        super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
+        self._kb = guard if guard is not None else resolve_settings(**given)
+
+    def copy(self, **kwargs: Any) -> AsyncOpenAI:  # type: ignore[override]
+        overrides = {name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs}
+        extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
+        return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[no-any-return]
+
+    with_options = copy  # type: ignore[assignment]
+
+    async def request(  # type: ignore[override]
+        self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
+    ) -> Any:
+        parent = super().request
+        max_retries = options.get_max_retries(self.max_retries)
+
+        async def send(attempt: Any) -> Any:
+            return await parent(cast_to, attempt, stream=stream, stream_cls=stream_cls)
+
+        if not is_chat_completion(options):
+            return await self._kb_attempts(send, options, max_retries, None)
+        call = await self._kb_begin(options, stream)
+        token = ACTIVE_CALL.set(call)
+        try:
+            result = await self._kb_attempts(send, options, max_retries, call)
+        except BaseException as exc:
+            call.failed(exc)
+            clearer = explain_quota_error(exc)
+            if clearer is exc:
+                raise
+            raise clearer from None
+        finally:
+            ACTIVE_CALL.reset(token)
+        call.succeeded(result)
+        return result
+
+    async def _kb_attempts(self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None) -> Any:
+        retrying = self._kb.retry.async_retrying(max_retries, call.before_attempt if call else None)
+        async for attempt in retrying:
+            with attempt:
+                return await send(_attempt_options(options, attempt.retry_state.attempt_number))
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    async def _kb_begin(self, options: Any, stream: bool) -> Call:
+        body = request_body(options)
+        counts: dict[str, int] = {}
+        # The exact count needs an await, which prepare() (shared, sync) cannot do: fetch it
+        # first when it will be needed, and hand prepare() a lookup.
+        if self._kb.exact_tokens == "always" and self._kb.token_counter is None:
+            counts["exact"] = await self._kb_exact_count(body)
+        try:
+            prepared = prepare(self._kb, body, _lookup(counts))
+        except _NeedsExactCount:
+            try:
+                counts["exact"] = await self._kb_exact_count(body)
+            except openai.APIError as exc:
+                counts["failed"] = 1
+                log.warning("kimi-budget: could not confirm the token count with Moonshot: %s", exc)
+            prepared = prepare(self._kb, body, _lookup(counts))
+        call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
+        try:
+            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+        except BudgetExceededError as refused:
+            if prepared.estimate.exact or self._kb.exact_tokens == "never":
+                raise
+            try:
+                counts["exact"] = await self._kb_exact_count(body)
+            except openai.APIError:
+                raise refused from None
+            recount_exactly(prepared, _lookup(counts), self._kb)
+            call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
+            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+        return call
+
+    async def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
+        payload = {key: body[key] for key in ("model", "messages", "tools") if key in body}
+        response = await self.post(
+            "/tokenizers/estimate-token-count", body=payload, cast_to=_http_response_type()
+        )
+        return _total_tokens(response.content)
+
+    async def _send_request(self, request: Any, *, stream: bool, **kwargs: Any) -> Any:
+        call = ACTIVE_CALL.get()
+        if call is None:
+            return await super()._send_request(request, stream=stream, **kwargs)
+        call.in_flight = True
+        try:
+            response = await super()._send_request(request, stream=stream, **kwargs)
+        except Exception:
+            call.on_transport_error()
+            raise
+        sniffer = call.on_response(response, stream)
+        if sniffer is not None:
+            response.stream = tee_async(response.stream, sniffer, call)
+        return response
+
+    async def balance(self) -> Balance:
+        """The account's balance (``GET /users/me/balance``): available, voucher and cash."""
+        response = await self.get("/users/me/balance", cast_to=_http_response_type())
+        return parse_balance(response.content, str(self.base_url))
+
+
+class _NeedsExactCount(Exception):
+    pass
+
+
+def _lookup(counts: dict[str, int]) -> Callable[[Mapping[str, Any]], int]:
+    def exact(body: Mapping[str, Any]) -> int:
+        if "failed" in counts:
+            raise openai.APIConnectionError(request=None)  # type: ignore[arg-type]
+        if "exact" not in counts:
+            raise _NeedsExactCount
+        return counts["exact"]
+
+    return exact
+
+
+def _http_response_type() -> Any:
+    import openai._base_client as base
+
+    return (getattr(base, "httpx2", None) or base.httpx).Response
+
+
+def _total_tokens(content: bytes) -> int:
+    data = json.loads(content)
+    total = data.get("data", {}).get("total_tokens") if isinstance(data, dict) else None
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise openai.APIError(
+            f"Moonshot's token-count endpoint answered without a token count: {str(data)[:200]}",
+            request=None,  # type: ignore[arg-type]
+            body=data,
+        )
+    return total

@@ -1,0 +1,125 @@
+"""The exceptions kimi-budget raises.
+
+Every one of them is raised *before* a request is sent, and none is ever retried. They all
+subclass ``openai.OpenAIError``, so code that already catches the SDK's errors keeps working::
+
+    openai.OpenAIError
+    └── KimiBudgetError
+        ├── BudgetExceededError        the projected cost does not fit a budget cap
+        ├── ContextLengthExceededError prompt + max output does not fit the model's window
+        ├── UnknownModelError          the model has no price, so its cost cannot be capped
+        ├── PriceTableError            a price file or override is malformed (also a ValueError)
+        └── LedgerError                the ledger cannot be opened or written
+
+Errors from Moonshot itself stay the SDK's own (``openai.RateLimitError`` and friends).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import openai
+
+__all__ = [
+    "BudgetExceededError",
+    "ContextLengthExceededError",
+    "KimiBudgetError",
+    "LedgerError",
+    "PriceTableError",
+    "UnknownModelError",
+]
+
+
+class KimiBudgetError(openai.OpenAIError):
+    """Base class of every error kimi-budget raises itself."""
+
+
+class BudgetExceededError(KimiBudgetError):
+    """The call's worst-case cost does not fit one of the budget's caps."""
+
+    def __init__(
+        self,
+        *,
+        window: str,
+        limit_usd: Decimal,
+        spent_usd: Decimal,
+        reserved_usd: Decimal,
+        projected_usd: Decimal,
+        model: str,
+        scope: dict[str, str] | None = None,
+        resets_at: str | None = None,
+    ) -> None:
+        self.window = window
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.projected_usd = projected_usd
+        self.model = model
+        self.scope = dict(scope or {})
+        self.resets_at = resets_at
+        where = f" for {_format_scope(self.scope)}" if self.scope else ""
+        if window == "per_call":
+            message = (
+                f"Refused before sending: this {model} call could cost up to ${projected_usd}, "
+                f"over the per-call cap of ${limit_usd}{where}. Lower max_tokens or shorten the "
+                f"prompt, or raise the per_call cap."
+            )
+        else:
+            left = limit_usd - spent_usd - reserved_usd
+            reset = f" It resets at {resets_at}." if resets_at else ""
+            message = (
+                f"Refused before sending: this {model} call could cost up to ${projected_usd}, "
+                f"but the {window} cap of ${limit_usd}{where} has ${max(left, Decimal(0))} left "
+                f"(${spent_usd} spent, ${reserved_usd} reserved by calls in flight).{reset} "
+                f"Lower max_tokens, wait for the window to reset, or raise the cap."
+            )
+        super().__init__(message)
+
+
+class ContextLengthExceededError(KimiBudgetError):
+    """The prompt plus the requested output does not fit the model's context window."""
+
+    def __init__(
+        self, *, model: str, prompt_tokens: int, max_tokens: int, context_window: int, exact: bool
+    ) -> None:
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_window = context_window
+        self.exact = exact
+        counted = "counted" if exact else "estimated"
+        super().__init__(
+            f"Refused before sending: {prompt_tokens} prompt tokens ({counted}) + max_tokens "
+            f"{max_tokens} = {prompt_tokens + max_tokens} exceeds {model}'s context window of "
+            f"{context_window} tokens. Shorten the messages or lower max_tokens."
+        )
+
+
+class UnknownModelError(KimiBudgetError):
+    """The model has no price, so a call to it could not be capped or recorded exactly."""
+
+    def __init__(self, model: str, known: list[str]) -> None:
+        self.model = model
+        self.known = known
+        super().__init__(
+            f"Refused before sending: kimi-budget has no price for model {model!r}. Add one with "
+            f"OpenAI(prices={{{model!r}: {{'cache_hit': ..., 'cache_miss': ..., 'output': ..., "
+            f"'context_window': ...}}}}) or in a price file named by KIMI_BUDGET_PRICES "
+            f"(USD per million tokens). Known models: {', '.join(known)}."
+        )
+
+
+class PriceTableError(KimiBudgetError, ValueError):
+    """A price file or price override is malformed."""
+
+
+class LedgerError(KimiBudgetError):
+    """The ledger cannot be opened or written, or the file is not a kimi-budget ledger."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+def _format_scope(scope: dict[str, str]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(scope.items()))

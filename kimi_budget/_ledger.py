@@ -1,0 +1,828 @@
+"""The ledger: one SQLite row per call, and the reservations that keep budgets exact.
+
+A call moves through the ledger in two short write transactions:
+
+1. ``reserve``: ``BEGIN IMMEDIATE``; expire stale reservations; read the budget's window
+   totals; refuse if the projected cost does not fit; insert a ``pending`` row and add its
+   projected cost to the totals as reserved. Checking and reserving in one transaction is what
+   keeps N processes from overshooting a cap together.
+2. ``settle``: turn the row into its final state (ok, error, abandoned, interrupted) with the
+   billed cost, move the amount from reserved to spent. Settling is idempotent by ``call_id``.
+
+A reservation whose process died stays ``pending`` until ``expires_at``; the next write turns
+it into an ``expired`` row charged the estimated input cost (the server may have billed the
+prompt), flagged as estimated. If the real settlement arrives later, it replaces the estimate.
+
+If a settlement cannot be written (disk full, file locked past the busy timeout, read-only
+file system) it goes to ``<ledger>.fallback.jsonl`` and is merged on the next open.
+
+``LedgerBackend`` is the interface the client uses, so that a PostgreSQL ledger can follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import stat
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlite_utils
+
+from ._budget import WINDOWS, Budget, canonical_tags, format_utc, tags_json, window_bounds
+from ._exceptions import BudgetExceededError, LedgerError
+from ._migrations import APPLICATION_ID, apply_migrations
+from ._money import to_usd
+
+__all__ = [
+    "Ledger",
+    "LedgerBackend",
+    "Reservation",
+    "Settlement",
+    "WindowStatus",
+    "default_ledger_path",
+]
+
+UTC = timezone.utc
+Clock = Callable[[], datetime]
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# Statuses of a finished call; "pending" is a reservation in flight.
+FINAL_STATUSES = ("ok", "error", "abandoned", "interrupted", "cancelled", "expired")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_ledger_path() -> Path:
+    """``KIMI_BUDGET_LEDGER``, else ``ledger.db`` in the user's data directory."""
+    configured = os.environ.get("KIMI_BUDGET_LEDGER")
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("kimi-budget", appauthor=False)) / "ledger.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What is known of a call before it is sent."""
+
+    call_id: str
+    model: str
+    tags: Mapping[str, str]
+    created_at: datetime
+    expires_at: datetime
+    projected_nanos: int
+    prompt_estimate: int
+    price_cache_hit: int
+    price_cache_miss: int
+    price_output: int
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a call ended. It carries its reservation so that a fallback line stands alone."""
+
+    reservation: Reservation
+    status: str
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    completion_tokens: int | None
+    cost_nanos: int
+    estimated: bool
+    attempts: int
+    finished_at: datetime
+    request_id: str | None = None
+    latency_ms: int | None = None
+    error: str | None = None
+    note: str | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["finished_at"] = format_utc(self.finished_at)
+        res = data["reservation"]
+        res["created_at"] = format_utc(self.reservation.created_at)
+        res["expires_at"] = format_utc(self.reservation.expires_at)
+        res["tags"] = dict(self.reservation.tags)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> Settlement:
+        from ._budget import parse_utc
+
+        data = json.loads(line)
+        res = data.pop("reservation")
+        res["created_at"] = parse_utc(res["created_at"])
+        res["expires_at"] = parse_utc(res["expires_at"])
+        data["finished_at"] = parse_utc(data["finished_at"])
+        return cls(reservation=Reservation(**res), **data)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStatus:
+    """One cap of a budget as it stands now."""
+
+    window: str
+    limit_usd: Decimal
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    start: datetime | None
+    resets_at: datetime | None
+    scope: dict[str, str] = field(default_factory=dict)
+    tz: str = "UTC"
+
+    @property
+    def remaining_usd(self) -> Decimal:
+        return max(self.limit_usd - self.spent_usd - self.reserved_usd, Decimal(0))
+
+
+class LedgerBackend(Protocol):
+    """What the client needs from a ledger. SQLite implements it; PostgreSQL can follow."""
+
+    def reserve(self, reservation: Reservation, budgets: Sequence[Budget]) -> None: ...
+
+    def settle(self, settlement: Settlement) -> bool: ...
+
+    def extend(self, call_id: str, expires_at: datetime) -> None: ...
+
+    def spend(
+        self,
+        *,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        model: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Decimal: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    id: int
+    tags: dict[str, str]
+    tz: Any
+    windows: tuple[str, ...]
+
+    def matches(self, tags: Mapping[str, str]) -> bool:
+        return all(tags.get(key) == value for key, value in self.tags.items())
+
+
+class Ledger:
+    """A kimi-budget ledger in a SQLite file (WAL mode, created 0600, migrated on open).
+
+    >>> ledger = Ledger("spend.db")                                  # doctest: +SKIP
+    >>> ledger.spend(since="2026-11-01", tags={"project": "crawler"}) # doctest: +SKIP
+    Decimal('1.234567')
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        busy_timeout: float = 30.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self.path = Path(path).expanduser() if path is not None else default_ledger_path()
+        self.busy_timeout = busy_timeout
+        self.clock: Clock = clock or _utcnow
+        self.fallback_path = self.path.with_name(self.path.name + ".fallback.jsonl")
+        self._lock = threading.RLock()
+        self._registered: set[tuple[str, str, tuple[str, ...]]] = set()
+        self._scope_cache: tuple[tuple[Any, ...], list[_Scope]] = ((), [])
+        self._pid = os.getpid()
+        self._conn = self._open()
+        self.db = sqlite_utils.Database(self._conn)
+        self._merge_fallback()
+
+    # -- opening -----------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        path = self.path
+        self._refuse_foreign_file(path)
+        if not path.exists():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                os.close(fd)
+            except FileExistsError:
+                pass  # another process created it first; it is checked below like any file
+            except OSError as exc:
+                raise LedgerError(
+                    f"Cannot create the ledger {path}: {exc.strerror or exc}. Choose a writable "
+                    f"path with ledger= or KIMI_BUDGET_LEDGER.",
+                    path=str(path),
+                ) from None
+        try:
+            conn = sqlite3.connect(
+                path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._check_ours(conn)
+            apply_migrations(conn)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(self._explain(exc, "open"), path=str(path)) from None
+        return conn
+
+    def _refuse_foreign_file(self, path: Path) -> None:
+        if path.is_symlink():
+            target = path.resolve()
+            if not (target.is_file() and _header_is_ours(target)):
+                raise LedgerError(
+                    f"The ledger path {path} is a symbolic link to {target}, which is not a "
+                    f"kimi-budget ledger; refusing to write through it. Point ledger= at a "
+                    f"regular file.",
+                    path=str(path),
+                )
+        if path.exists():
+            if path.is_dir():
+                raise LedgerError(
+                    f"The ledger path {path} is a directory; give a file path such as "
+                    f"{path / 'ledger.db'}.",
+                    path=str(path),
+                )
+            if not stat.S_ISREG(path.stat().st_mode):
+                raise LedgerError(f"The ledger path {path} is not a regular file.", path=str(path))
+
+    def _check_ours(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if app_id == APPLICATION_ID:
+            return
+        tables = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        ).fetchone()[0]
+        if app_id != 0 or tables:
+            raise LedgerError(
+                f"{self.path} is a SQLite database but not a kimi-budget ledger; kimi-budget "
+                f"will not write to it. Choose another path with ledger= or KIMI_BUDGET_LEDGER.",
+                path=str(self.path),
+            )
+
+    def _explain(self, exc: BaseException, doing: str) -> str:
+        text = str(exc)
+        if "not a database" in text or "malformed" in text:
+            return (
+                f"{self.path} is not a readable kimi-budget ledger ({text}). Move it aside and "
+                f"let kimi-budget create a new one, or point ledger= at another file."
+            )
+        if "readonly" in text or "read-only" in text or "unable to open" in text:
+            return (
+                f"Cannot {doing} the ledger {self.path}: the file or its directory is not "
+                f"writable ({text}). Fix the permissions or choose another path."
+            )
+        if "locked" in text or "busy" in text:
+            return (
+                f"Cannot {doing} the ledger {self.path}: it stayed locked by another process "
+                f"for more than {self.busy_timeout:g} s. Retry, or raise busy_timeout."
+            )
+        if "disk" in text or "full" in text:
+            return f"Cannot {doing} the ledger {self.path}: the disk is full ({text})."
+        return f"Cannot {doing} the ledger {self.path}: {text}."
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if os.getpid() != self._pid:
+            # A forked child must not share its parent's SQLite connection.
+            self._pid = os.getpid()
+            self._lock = threading.RLock()
+            self._conn = self._open()
+            self.db = sqlite_utils.Database(self._conn)
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r})"
+
+    @contextlib.contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; SQLite errors become ``LedgerError``."""
+        with self._lock:
+            conn = self.conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerError(self._explain(exc, doing), path=str(self.path)) from None
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise LedgerError(self._explain(exc, doing), path=str(self.path)) from None
+            except BaseException:
+                _rollback(conn)
+                raise
+
+    # -- the call lifecycle ----------------------------------------------------------------
+
+    def reserve(self, reservation: Reservation, budgets: Sequence[Budget] = ()) -> None:
+        """Check every applicable cap and reserve the projected cost, atomically.
+
+        Raises ``BudgetExceededError`` (and reserves nothing) if any cap would be exceeded.
+        """
+        tags = dict(reservation.tags)
+        applicable = [budget for budget in budgets if budget.applies_to(tags)]
+        projected = reservation.projected_nanos
+        for budget in applicable:
+            cap = budget.caps_nanos.get("per_call")
+            if cap is not None and projected > cap:
+                raise BudgetExceededError(
+                    window="per_call",
+                    limit_usd=budget.caps["per_call"],
+                    spent_usd=Decimal(0),
+                    reserved_usd=Decimal(0),
+                    projected_usd=to_usd(projected),
+                    model=reservation.model,
+                    scope=budget.scope,
+                )
+        refusal: BudgetExceededError | None = None
+        with self._write("reserve budget in") as conn:
+            now = self.clock()
+            self._expire_stale(conn, now)
+            for budget in applicable:
+                if budget.windows:
+                    self._register(conn, budget, now)
+            scopes = self._scopes(conn)
+            instant = reservation.created_at
+            for budget in applicable:
+                scope = next(s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name)
+                for window in budget.windows:
+                    spent, reserved = self._read_total(conn, scope, window, instant)
+                    cap = budget.caps_nanos[window]
+                    if spent + reserved + projected > cap:
+                        end = window_bounds(window, instant, budget.tz)[1]
+                        refusal = BudgetExceededError(
+                            window=window,
+                            limit_usd=budget.caps[window],
+                            spent_usd=to_usd(spent),
+                            reserved_usd=to_usd(reserved),
+                            projected_usd=to_usd(projected),
+                            model=reservation.model,
+                            scope=budget.scope,
+                            resets_at=None
+                            if window == "total"
+                            else end.astimezone(budget.tz).isoformat(timespec="seconds"),
+                        )
+                        break
+                if refusal:
+                    break
+            if refusal is None:
+                conn.execute(
+                    "INSERT INTO calls (call_id, created_at, model, tags, status, stream, "
+                    "prompt_tokens, projected_nanos, prompt_estimate, price_cache_hit, "
+                    "price_cache_miss, price_output, estimated, expires_at) "
+                    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+                    (
+                        reservation.call_id,
+                        format_utc(instant),
+                        reservation.model,
+                        tags_json(tags),
+                        int(reservation.stream),
+                        reservation.prompt_estimate,
+                        projected,
+                        reservation.prompt_estimate,
+                        reservation.price_cache_hit,
+                        reservation.price_cache_miss,
+                        reservation.price_output,
+                        format_utc(reservation.expires_at),
+                    ),
+                )
+                self._add_totals(conn, scopes, tags, instant, spent=0, reserved=projected)
+        if refusal is not None:
+            raise refusal
+
+    def extend(self, call_id: str, expires_at: datetime) -> None:
+        """Push a live reservation's expiry out (a call that is retrying is not dead)."""
+        with self._write("extend a reservation in") as conn:
+            conn.execute(
+                "UPDATE calls SET expires_at = ? WHERE call_id = ? AND status = 'pending'",
+                (format_utc(expires_at), call_id),
+            )
+
+    def settle(self, settlement: Settlement) -> bool:
+        """Record how a call ended. Returns False if it was already settled (idempotent)."""
+        with self._write("record a call in") as conn:
+            return self._settle(conn, settlement)
+
+    def _settle(self, conn: sqlite3.Connection, s: Settlement) -> bool:
+        res = s.reservation
+        row = conn.execute(
+            "SELECT status, cost_nanos, projected_nanos FROM calls WHERE call_id = ?",
+            (res.call_id,),
+        ).fetchone()
+        tags = dict(res.tags)
+        scopes = self._scopes(conn)
+        values = (
+            s.status,
+            format_utc(s.finished_at),
+            s.prompt_tokens,
+            s.cached_tokens,
+            s.completion_tokens,
+            s.cost_nanos,
+            int(s.estimated),
+            s.attempts,
+            s.request_id,
+            s.latency_ms,
+            s.error,
+            s.note,
+        )
+        if row is None:
+            # Only a fallback line whose reservation never reached this file lands here.
+            conn.execute(
+                "INSERT INTO calls (call_id, created_at, model, tags, stream, projected_nanos, "
+                "prompt_estimate, price_cache_hit, price_cache_miss, price_output, status, "
+                "finished_at, prompt_tokens, cached_tokens, completion_tokens, cost_nanos, "
+                "estimated, attempts, request_id, latency_ms, error, note) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    res.call_id,
+                    format_utc(res.created_at),
+                    res.model,
+                    tags_json(tags),
+                    int(res.stream),
+                    res.projected_nanos,
+                    res.prompt_estimate,
+                    res.price_cache_hit,
+                    res.price_cache_miss,
+                    res.price_output,
+                    *values,
+                ),
+            )
+            self._add_totals(conn, scopes, tags, res.created_at, spent=s.cost_nanos, reserved=0)
+            return True
+        status, old_cost, projected = row
+        if status == "pending":
+            spent_delta, reserved_delta = s.cost_nanos, -projected
+        elif status == "expired" and s.status != "expired":
+            # The call outlived its reservation; its real outcome replaces the estimate.
+            spent_delta, reserved_delta = s.cost_nanos - old_cost, 0
+        else:
+            return False
+        conn.execute(
+            "UPDATE calls SET status = ?, finished_at = ?, prompt_tokens = ?, cached_tokens = ?, "
+            "completion_tokens = ?, cost_nanos = ?, estimated = ?, attempts = ?, "
+            "request_id = ?, latency_ms = ?, error = ?, note = ?, expires_at = NULL "
+            "WHERE call_id = ?",
+            (*values, res.call_id),
+        )
+        self._add_totals(
+            conn, scopes, tags, res.created_at, spent=spent_delta, reserved=reserved_delta
+        )
+        return True
+
+    def expire_stale(self) -> int:
+        """Turn reservations past their expiry into ``expired`` rows; returns how many."""
+        with self._write("expire reservations in") as conn:
+            return self._expire_stale(conn, self.clock())
+
+    def _expire_stale(self, conn: sqlite3.Connection, now: datetime) -> int:
+        stale = conn.execute(
+            "SELECT call_id, created_at, model, tags, stream, projected_nanos, prompt_estimate, "
+            "price_cache_hit, price_cache_miss, price_output, expires_at, attempts FROM calls "
+            "WHERE status = 'pending' AND expires_at < ?",
+            (format_utc(now),),
+        ).fetchall()
+        for row in stale:
+            res = _reservation_from_row(row)
+            self._settle(
+                conn,
+                Settlement(
+                    reservation=res,
+                    status="expired",
+                    prompt_tokens=res.prompt_estimate,
+                    cached_tokens=0,
+                    completion_tokens=None,
+                    # The server may have billed the prompt; the output is unknowable.
+                    cost_nanos=res.prompt_estimate * res.price_cache_miss,
+                    estimated=True,
+                    attempts=row[11],
+                    finished_at=now,
+                    note="reservation expired: the process holding it did not settle it",
+                ),
+            )
+        return len(stale)
+
+    # -- window totals -----------------------------------------------------------------
+
+    def _scopes(self, conn: sqlite3.Connection) -> list[_Scope]:
+        rows = tuple(conn.execute("SELECT id, scope, tz, windows FROM budget_scopes").fetchall())
+        cached_rows, scopes = self._scope_cache
+        if rows != cached_rows:
+            from zoneinfo import ZoneInfo
+
+            scopes = [
+                _Scope(id=r[0], tags=json.loads(r[1]), tz=ZoneInfo(r[2]), windows=tuple(json.loads(r[3])))
+                for r in rows
+            ]
+            self._scope_cache = (rows, scopes)
+        return scopes
+
+    def _register(self, conn: sqlite3.Connection, budget: Budget, now: datetime) -> None:
+        """Make sure writes keep totals for this budget's scope, time zone and windows."""
+        key = (budget.scope_key, budget.tz_name, budget.windows)
+        if key in self._registered:
+            return
+        row = conn.execute(
+            "SELECT id, windows FROM budget_scopes WHERE scope = ? AND tz = ?",
+            (budget.scope_key, budget.tz_name),
+        ).fetchone()
+        if row is None:
+            scope_id = conn.execute(
+                "INSERT INTO budget_scopes (scope, tz, windows) VALUES (?, ?, ?)",
+                (budget.scope_key, budget.tz_name, json.dumps(list(budget.windows))),
+            ).lastrowid
+            have: set[str] = set()
+        else:
+            scope_id, have = row[0], set(json.loads(row[1]))
+        missing = [w for w in budget.windows if w not in have]
+        if missing:
+            for window in missing:
+                self._backfill(conn, int(scope_id or 0), budget, window, now)
+            windows = [w for w in WINDOWS if w in have or w in missing]
+            conn.execute(
+                "UPDATE budget_scopes SET windows = ? WHERE id = ?", (json.dumps(windows), scope_id)
+            )
+        self._registered.add(key)
+
+    def _backfill(
+        self, conn: sqlite3.Connection, scope_id: int, budget: Budget, window: str, now: datetime
+    ) -> None:
+        """Total the current window from the rows once; writes keep it current from then on."""
+        start, end = window_bounds(window, now, budget.tz)
+        where, params = _tag_filter(budget.scope)
+        if window != "total":
+            where += " AND created_at >= ? AND created_at < ?"
+            params += [format_utc(start), format_utc(end)]
+        spent, reserved = conn.execute(
+            "SELECT coalesce(sum(CASE WHEN status != 'pending' THEN cost_nanos END), 0), "
+            "coalesce(sum(CASE WHEN status = 'pending' THEN projected_nanos END), 0) "
+            f"FROM calls WHERE 1 = 1{where}",
+            params,
+        ).fetchone()
+        conn.execute(
+            "INSERT OR REPLACE INTO window_totals (scope_id, window, start, spent_nanos, "
+            "reserved_nanos) VALUES (?, ?, ?, ?, ?)",
+            (scope_id, window, "" if window == "total" else format_utc(start), spent, reserved),
+        )
+
+    def _read_total(
+        self, conn: sqlite3.Connection, scope: _Scope, window: str, instant: datetime
+    ) -> tuple[int, int]:
+        key = "" if window == "total" else format_utc(window_bounds(window, instant, scope.tz)[0])
+        row = conn.execute(
+            "SELECT spent_nanos, reserved_nanos FROM window_totals "
+            "WHERE scope_id = ? AND window = ? AND start = ?",
+            (scope.id, window, key),
+        ).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def _add_totals(
+        self,
+        conn: sqlite3.Connection,
+        scopes: Sequence[_Scope],
+        tags: Mapping[str, str],
+        instant: datetime,
+        *,
+        spent: int,
+        reserved: int,
+    ) -> None:
+        if not spent and not reserved:
+            return
+        for scope in scopes:
+            if not scope.matches(tags):
+                continue
+            for window in scope.windows:
+                key = (
+                    ""
+                    if window == "total"
+                    else format_utc(window_bounds(window, instant, scope.tz)[0])
+                )
+                conn.execute(
+                    "INSERT INTO window_totals (scope_id, window, start, spent_nanos, "
+                    "reserved_nanos) VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope_id, window, start) "
+                    "DO UPDATE SET spent_nanos = spent_nanos + excluded.spent_nanos, "
+                    "reserved_nanos = reserved_nanos + excluded.reserved_nanos",
+                    (scope.id, window, key, spent, reserved),
+                )
+
+    # -- fallback --------------------------------------------------------------------------
+
+    def write_fallback(self, settlement: Settlement, reason: BaseException) -> None:
+        """Keep a settlement the ledger could not take; it is merged on the next open."""
+        line = settlement.to_json() + "\n"
+        fd = os.open(self.fallback_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+        warnings.warn(
+            f"kimi-budget could not record call {settlement.reservation.call_id} in "
+            f"{self.path} ({reason}); its usage was saved to {self.fallback_path} and will be "
+            f"merged the next time the ledger opens.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _merge_fallback(self) -> int:
+        if not self.fallback_path.exists():
+            return 0
+        # Rename first, so that lines appended while merging go to a new file.
+        merging = self.fallback_path.with_name(
+            f"{self.fallback_path.name}.merging-{os.getpid()}-{threading.get_ident()}"
+        )
+        try:
+            os.replace(self.fallback_path, merging)
+        except FileNotFoundError:
+            return 0
+        merged = 0
+        try:
+            lines = merging.read_text("utf-8").splitlines()
+            with self._write("merge the fallback file into") as conn:
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        settlement = Settlement.from_json(line)
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line torn by a crash mid-write; the rest still count
+                    merged += int(self._settle(conn, settlement))
+        except LedgerError:
+            # Put the lines back for the next open rather than lose them.
+            with open(self.fallback_path, "a", encoding="utf-8") as out:
+                out.write(merging.read_text("utf-8"))
+            merging.unlink()
+            raise
+        merging.unlink()
+        return merged
+
+    # -- reading -----------------------------------------------------------------------
+
+    def spend(
+        self,
+        *,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        model: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Decimal:
+        """Settled spend in USD (``[since, until)``, by model and tags), exact."""
+        where, params = self.filters(since=since, until=until, model=model, tags=tags)
+        with self._lock:
+            total = self.conn.execute(
+                f"SELECT coalesce(sum(cost_nanos), 0) FROM calls WHERE status != 'pending'{where}",
+                params,
+            ).fetchone()[0]
+        return to_usd(int(total))
+
+    @staticmethod
+    def filters(
+        *,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        model: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> tuple[str, list[Any]]:
+        """A SQL ``AND ...`` clause (bound parameters only) for the common filters."""
+        where, params = _tag_filter(canonical_tags(tags or {}))
+        if since is not None:
+            where += " AND created_at >= ?"
+            params.append(_as_utc_text(since))
+        if until is not None:
+            where += " AND created_at < ?"
+            params.append(_as_utc_text(until))
+        if model is not None:
+            where += " AND model = ?"
+            params.append(model)
+        return where, params
+
+    def status(self, budget: Budget) -> list[WindowStatus]:
+        """Each cap of ``budget`` now: spent, reserved, and when its window resets."""
+        now = self.clock()
+        result: list[WindowStatus] = []
+        with self._write("read budget totals from") as conn:
+            self._expire_stale(conn, now)
+            if budget.windows:
+                self._register(conn, budget, now)
+            scopes = self._scopes(conn)
+            scope = next(
+                (s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name), None
+            )
+            for name, cap in budget.caps.items():
+                if name == "per_call":
+                    result.append(
+                        WindowStatus(name, cap, Decimal(0), Decimal(0), None, None, budget.scope, budget.tz_name)
+                    )
+                    continue
+                assert scope is not None
+                spent, reserved = self._read_total(conn, scope, name, now)
+                start, end = window_bounds(name, now, budget.tz)
+                result.append(
+                    WindowStatus(
+                        name,
+                        cap,
+                        to_usd(spent),
+                        to_usd(reserved),
+                        None if name == "total" else start,
+                        None if name == "total" else end,
+                        budget.scope,
+                        budget.tz_name,
+                    )
+                )
+        return result
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Reservations in flight (calls sent and not yet settled)."""
+        with self._lock:
+            cursor = self.conn.execute(
+                "SELECT call_id, created_at, model, tags, projected_nanos, expires_at, attempts "
+                "FROM calls WHERE status = 'pending' ORDER BY created_at"
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def calls(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest calls, newest first, as dicts of the ``calls`` columns."""
+        with self._lock:
+            cursor = self.conn.execute(
+                "SELECT * FROM calls ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+def _header_is_ours(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            header = f.read(72)
+    except OSError:
+        return False
+    return (
+        len(header) >= 72
+        and header[:16] == _SQLITE_MAGIC
+        and int.from_bytes(header[68:72], "big") == APPLICATION_ID
+    )
+
+
+def _tag_filter(tags: Mapping[str, str]) -> tuple[str, list[Any]]:
+    where = ""
+    params: list[Any] = []
+    for key, value in tags.items():
+        # json_extract paths are built from a bound parameter too, so no key can inject SQL.
+        where += " AND json_extract(tags, ?) = ?"
+        params += ['$."' + key.replace('"', '""') + '"', value]
+    return where, params
+
+
+def _as_utc_text(value: datetime | str) -> str:
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a date or time; use ISO 8601 such as 2026-11-01 or "
+                f"2026-11-01T08:00:00+08:00."
+            ) from None
+        value = parsed
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return format_utc(value)
+
+
+def _reservation_from_row(row: Sequence[Any]) -> Reservation:
+    from ._budget import parse_utc
+
+    return Reservation(
+        call_id=row[0],
+        created_at=parse_utc(row[1]),
+        model=row[2],
+        tags=json.loads(row[3]),
+        stream=bool(row[4]),
+        projected_nanos=row[5],
+        prompt_estimate=row[6],
+        price_cache_hit=row[7],
+        price_cache_miss=row[8],
+        price_output=row[9],
+        expires_at=parse_utc(row[10]),
+    )
