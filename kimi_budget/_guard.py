@@ -311,6 +311,8 @@ class Call:
             )
             return
         sniffer.finish()
+        if how == "closed" and sniffer.done:
+            how = "complete"  # the SDK closes the response as soon as it reads [DONE]
         problem = "; ".join(sniffer.problems) or None
         if sniffer.usage is not None:
             self._finish_with_usage(sniffer.usage, sniffer.response_id, problem, 0, status="ok")
@@ -330,6 +332,7 @@ class Call:
             note=f"{note}; cost estimated from the prompt and {sniffer.chunks} chunks seen"
             + (f"; {problem}" if problem else ""),
             error=note if status == "error" else None,
+            warn=how == "complete" or problem is not None,
         )
 
     def _finish_with_usage(

@@ -426,6 +426,8 @@ class _Server(ThreadingHTTPServer):
         self.standin = standin
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -506,6 +508,7 @@ class MoonshotStandIn:
         cached_tokens: int | None = None,
         prefix_cache: bool = True,
         on_request: Callable[[RecordedRequest], None] | None = None,
+        max_recorded: int | None = None,
     ) -> None:
         """
         Args:
@@ -533,6 +536,8 @@ class MoonshotStandIn:
             prefix_cache: simulate automatic prefix caching.
             on_request: called with each RecordedRequest before it is answered, in the
                 handler thread; it may block (e.g. while a test locks the ledger).
+            max_recorded: keep only about this many of the latest ``requests`` and ``billed``
+                entries (long stress runs); None keeps everything.
         """
         if usage_style not in _USAGE_STYLES:
             raise ValueError(f"usage_style must be one of {_USAGE_STYLES}, not {usage_style!r}")
@@ -563,6 +568,7 @@ class MoonshotStandIn:
         self.forced_cached_tokens = cached_tokens
         self.prefix_cache = prefix_cache
         self.on_request = on_request
+        self.max_recorded = max_recorded
 
         self.requests: list[RecordedRequest] = []
         self.billed: list[dict[str, int]] = []
@@ -640,7 +646,8 @@ class MoonshotStandIn:
     @property
     def url(self) -> str:
         """``http://HOST:PORT`` (no ``/v1``)."""
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -664,7 +671,11 @@ class MoonshotStandIn:
             self._faults.extend([fault] * times)
 
     def queue_fault(self, fault: Fault) -> None:
-        """Queue a fault; chat completion requests consume one each, in order."""
+        """Queue a fault; chat completion requests consume one each, in order.
+
+        Only requests that pass authentication consume faults; a fault is consumed before the
+        body is validated, so an error fault applies even to a request that would get a 400.
+        """
         with self._lock:
             self._faults.append(fault)
 
@@ -754,6 +765,11 @@ class MoonshotStandIn:
                               client_port=int(h.client_address[1]))
         with self._lock:
             self.requests.append(rec)
+            keep = self.max_recorded
+            # Trim in batches so appends stay O(1) amortized.
+            if keep is not None and len(self.requests) > 2 * keep + 16:
+                del self.requests[: len(self.requests) - keep]
+                del self.billed[: max(0, len(self.billed) - keep)]
         try:
             try:
                 if self.on_request is not None:

@@ -1,0 +1,68 @@
+"""Shared fixtures: an isolated environment, the loopback stand-in, respx, and clients."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai._base_client as openai_base
+import pytest
+import respx
+
+import kimi_budget as kb
+from kimi_budget.testing import MoonshotStandIn
+
+# openai >= 3 sends through httpx2 (mocked via pytest-httpx2's "httpcore2" mocker), 2.x through httpx.
+RESPX_USING = "httpcore2" if hasattr(openai_base, "httpx2") else "httpcore"
+MOCK_BASE_URL = "https://api.moonshot.test/v1"
+KEY = "sk-kimibudget-test-canary-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees the developer's keys, ledger or config files."""
+    for name in list(os.environ):
+        if name.startswith(("KIMI_BUDGET_", "MOONSHOT_")) or name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def standin() -> Iterator[MoonshotStandIn]:
+    with MoonshotStandIn(api_key=KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def client(standin: MoonshotStandIn, ledger_path: Path) -> Iterator[kb.OpenAI]:
+    guarded = kb.OpenAI(api_key=KEY, base_url=standin.base_url, ledger=ledger_path)
+    yield guarded
+    guarded.close()
+
+
+@pytest.fixture
+def moonshot_mock() -> Iterator[respx.Router]:
+    """respx, patched into whichever HTTP stack the installed openai uses."""
+    with respx.mock(using=RESPX_USING, base_url=MOCK_BASE_URL, assert_all_called=False) as router:
+        yield router
+
+
+@pytest.fixture
+def mocked_client(moonshot_mock: respx.Router, ledger_path: Path) -> Iterator[kb.OpenAI]:
+    guarded = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
+    yield guarded
+    guarded.close()

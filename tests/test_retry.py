@@ -1,0 +1,414 @@
+"""One retry layer that knows Moonshot's errors, and failures that never lose money or rows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import respx
+
+import kimi_budget as kb
+from kimi_budget import _retry
+from tests.conftest import KEY, MOCK_BASE_URL
+from tests.helpers import completion, error, sse_response, stream_chunks
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+RATE_LIMITED = (
+    "Your account org-abc<ak-xyz> request reached organization max RPM: 200, "
+    "please try again after 7 seconds"
+)
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the waits instead of sleeping them."""
+    taken: list[float] = []
+    monkeypatch.setattr(_retry, "_sleep", taken.append)
+
+    async def async_sleep(seconds: float) -> None:
+        taken.append(seconds)
+
+    monkeypatch.setattr(_retry, "_async_sleep", async_sleep)
+    return taken
+
+
+def rows(client: kb.OpenAI | kb.AsyncOpenAI) -> list[dict[str, Any]]:
+    return list(reversed(client.ledger.calls(1000)))
+
+
+def test_rate_limit_twice_then_success(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[
+            error(429, "rate_limit_reached_error", RATE_LIMITED),
+            error(429, "rate_limit_reached_error", RATE_LIMITED),
+            httpx.Response(200, json=completion(prompt=19, completion_tokens=21, cached=10)),
+        ]
+    )
+    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=50)
+    assert route.call_count == 3
+    assert [call.request.headers["x-stainless-retry-count"] for call in route.calls] == ["0", "1", "2"]
+    assert len(waits) == 2 and all(7 <= w <= 7.25 for w in waits)  # from the message
+    [row] = rows(mocked_client)
+    assert row["attempts"] == 3 and row["status"] == "ok"
+    assert row["cost_nanos"] == 9 * 600 + 10 * 100 + 21 * 3000  # only the last one billed
+
+
+@pytest.mark.parametrize("status", [429, 403])
+def test_out_of_credit_is_never_retried(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float], status: int
+) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(
+        return_value=error(
+            status,
+            "exceeded_current_quota_error",
+            "You exceeded your current token quota: org-abc 0, please check your account balance",
+        )
+    )
+    expected = openai.RateLimitError if status == 429 else openai.PermissionDeniedError
+    with pytest.raises(expected) as info:
+        mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert "out of credit or suspended" in str(info.value)
+    assert "balance" in str(info.value)
+    assert info.value.status_code == status
+    assert route.call_count == 1 and waits == []
+    [row] = rows(mocked_client)
+    assert row["cost_nanos"] == 0 and row["status"] == "error" and row["attempts"] == 1
+    assert mocked_client.ledger.spend() == 0
+
+
+def test_server_errors_are_retried(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[
+            error(500, "server_error", "boom"),
+            httpx.Response(503, text="unavailable"),
+            httpx.Response(200, json=completion()),
+        ]
+    )
+    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 3
+    assert len(waits) == 2 and all(0 < w <= 8 for w in waits)
+    assert rows(mocked_client)[0]["attempts"] == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, "invalid_request_error"), (400, "content_filter"), (401, "invalid_authentication_error"),
+     (404, "resource_not_found_error")],
+)
+def test_client_errors_are_not_retried(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float], status: int, kind: str
+) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(return_value=error(status, kind, "no"))
+    with pytest.raises(openai.APIStatusError):
+        mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 1 and waits == []
+
+
+def test_max_retries_zero_means_one_request(
+    moonshot_mock: respx.Router, ledger_path: Path, waits: list[float]
+) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(return_value=error(500, "server_error", "x"))
+    client = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, max_retries=0)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 1
+    default = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
+    with pytest.raises(openai.InternalServerError):
+        default.with_options(max_retries=0).chat.completions.create(
+            model="kimi-k2.5", messages=MESSAGES, max_tokens=5
+        )
+    assert route.call_count == 2
+    with pytest.raises(openai.InternalServerError):
+        default.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 2 + 3  # openai's default of 2 retries, never multiplied
+    assert [r["attempts"] for r in rows(default)] == [1, 1, 3]
+
+
+def test_other_endpoints_use_the_same_retry_layer(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    route = moonshot_mock.get("/models").mock(
+        side_effect=[httpx.Response(502), httpx.Response(200, json={"object": "list", "data": []})]
+    )
+    assert mocked_client.models.list().data == []
+    assert route.call_count == 2 and len(waits) == 1
+
+
+def test_retry_after_headers_are_honoured_and_capped(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    moonshot_mock.post("/chat/completions").mock(
+        side_effect=[
+            error(429, "engine_overloaded_error", "overloaded", **{"retry-after-ms": "1500"}),
+            error(429, "rate_limit_reached_error", "slow down", **{"retry-after": "3"}),
+            httpx.Response(200, json=completion()),
+        ]
+    )
+    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert 1.5 <= waits[0] <= 1.75 and 3 <= waits[1] <= 3.25
+    policy = _retry.RetryPolicy(max_wait=10)
+    huge = openai.RateLimitError(
+        "x", response=httpx.Response(429, headers={"retry-after": "3600"}, request=httpx.Request("POST", MOCK_BASE_URL)), body=None
+    )
+    assert policy.wait(1, huge) == 10
+
+
+def test_connection_errors_are_retried_and_recorded(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.ConnectError("refused")]
+    )
+    with pytest.raises(openai.APIConnectionError):
+        mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 3
+    [row] = rows(mocked_client)
+    assert row["status"] == "error" and row["attempts"] == 3 and row["cost_nanos"] == 0
+    assert mocked_client.ledger.pending() == []
+
+
+def test_stream_failing_midway_is_recorded_not_retried(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    def torn() -> Any:
+        from tests.helpers import sse
+
+        for chunk in stream_chunks(["a", "b", "c"], usage=None)[:3]:
+            yield sse(chunk)
+        raise httpx.ReadError("connection reset by peer")
+
+    route = moonshot_mock.post("/chat/completions").mock(
+        return_value=httpx.Response(200, content=torn(), headers={"content-type": "text/event-stream"})
+    )
+    stream = mocked_client.chat.completions.create(
+        model="kimi-k2.5", messages=MESSAGES, max_tokens=50, stream=True
+    )
+    seen = 0
+    with pytest.raises(Exception):  # noqa: B017 - the transport's own error reaches the caller
+        for _ in stream:
+            seen += 1
+    assert seen == 3 and route.call_count == 1 and waits == []
+    [row] = rows(mocked_client)
+    assert row["status"] == "error" and row["estimated"] == 1
+    assert "failed midway" in row["note"]
+    assert row["cost_nanos"] == row["prompt_tokens"] * 600 + row["completion_tokens"] * 3000
+    assert mocked_client.ledger.pending() == []
+
+
+def test_keyboard_interrupt_while_in_flight_settles(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router
+) -> None:
+    def interrupted(request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt  # Ctrl-C while waiting for the server
+
+    moonshot_mock.post("/chat/completions").mock(side_effect=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    [row] = rows(mocked_client)
+    assert row["status"] == "interrupted" and row["estimated"] == 1
+    assert row["cost_nanos"] == row["prompt_estimate"] * 600  # the prompt may have been billed
+    assert mocked_client.ledger.pending() == []
+
+
+def test_asyncio_cancellation_settles(moonshot_mock: respx.Router, ledger_path: Path) -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(10)
+        return httpx.Response(200, json=completion())
+
+    moonshot_mock.post("/chat/completions").mock(side_effect=slow)
+
+    async def main() -> kb.AsyncOpenAI:
+        client = kb.AsyncOpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
+        task = asyncio.create_task(
+            client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+        )
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return client
+
+    client = asyncio.run(main())
+    [row] = rows(client)
+    assert row["status"] == "interrupted" and client.ledger.pending() == []
+
+
+def test_async_rate_limit_retry(moonshot_mock: respx.Router, ledger_path: Path, waits: list[float]) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[error(429, "rate_limit_reached_error", RATE_LIMITED), httpx.Response(200, json=completion())]
+    )
+
+    async def main() -> kb.AsyncOpenAI:
+        client = kb.AsyncOpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
+        await client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+        return client
+
+    client = asyncio.run(main())
+    assert route.call_count == 2 and 7 <= waits[0] <= 7.25
+    assert rows(client)[0]["attempts"] == 2
+
+
+def test_settling_is_idempotent(ledger_path: Path) -> None:
+    from decimal import Decimal
+
+    from kimi_budget._ledger import Reservation, Settlement
+
+    ledger = kb.Ledger(ledger_path)
+    budget = kb.Budget(daily="1")
+    now = datetime.now(timezone.utc)
+    res = Reservation("c1", "kimi-k2.5", {}, now, now + timedelta(minutes=1), 5000, 10, 100, 600, 3000)
+    ledger.reserve(res, [budget])
+    assert ledger.status(budget)[0].reserved_usd == Decimal("0.000005")
+    done = Settlement(res, "ok", 10, 0, 1, 9000, False, 1, now)
+    assert ledger.settle(done) is True
+    assert ledger.settle(done) is False
+    assert ledger.spend() == kb.Ledger(ledger_path).spend() == Decimal("0.000009")
+    [daily] = ledger.status(budget)
+    assert daily.spent_usd == Decimal("0.000009") and daily.reserved_usd == 0
+
+
+KILLED_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from datetime import datetime, timedelta, timezone
+    import kimi_budget as kb
+    from kimi_budget._ledger import Reservation
+    ledger = kb.Ledger(sys.argv[1])
+    now = datetime.now(timezone.utc)
+    res = Reservation("killed-call", "kimi-k2.5", {}, now, now + timedelta(seconds=float(sys.argv[2])),
+                      400_000, 100, 100, 600, 3000)
+    ledger.reserve(res, [kb.Budget(daily="0.0005")])
+    print("reserved", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_sigkilled_process_reservation_expires(ledger_path: Path) -> None:
+    from decimal import Decimal
+
+    from kimi_budget._ledger import Reservation
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(ledger_path), "30"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "reserved"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(10)
+    assert child.returncode == -signal.SIGKILL
+    budget = kb.Budget(daily="0.0005")
+    now = datetime.now(timezone.utc)
+    ledger = kb.Ledger(ledger_path)
+    [daily] = ledger.status(budget)
+    assert daily.reserved_usd == Decimal("0.0004")  # still held: the expiry is 30 s away
+    res = Reservation("next", "kimi-k2.5", {}, now, now + timedelta(minutes=1), 200_000, 10, 100, 600, 3000)
+    with pytest.raises(kb.BudgetExceededError) as info:
+        ledger.reserve(res, [budget])
+    assert info.value.reserved_usd == Decimal("0.0004")
+
+    later = kb.Ledger(ledger_path, clock=lambda: now + timedelta(seconds=31))
+    later.reserve(res, [budget])  # the dead reservation expired: the budget is free again
+    expired = [row for row in later.calls(10) if row["call_id"] == "killed-call"]
+    assert len(expired) == 1
+    assert expired[0]["status"] == "expired" and expired[0]["estimated"] == 1
+    assert expired[0]["cost_nanos"] == 100 * 600  # the estimated input cost
+    [daily] = later.status(budget)
+    assert daily.spent_usd == Decimal("0.00006") and daily.reserved_usd == Decimal("0.0002")
+    assert later.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.parametrize("failure", ["read-only", "locked"])
+def test_unwritable_ledger_after_a_billed_call_keeps_the_response(
+    moonshot_mock: respx.Router, ledger_path: Path, failure: str
+) -> None:
+    import sqlite3
+
+    ledger = kb.Ledger(ledger_path, busy_timeout=0.2)
+    client = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger, budget=kb.Budget(daily="1"))
+    blocker = sqlite3.connect(ledger_path, isolation_level=None)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        # The ledger becomes unwritable while the request is on the wire.
+        if failure == "read-only":
+            ledger.conn.execute("PRAGMA query_only = 1")
+        else:
+            blocker.execute("BEGIN EXCLUSIVE")
+        return httpx.Response(200, json=completion(prompt=19, completion_tokens=21, cached=10))
+
+    moonshot_mock.post("/chat/completions").mock(side_effect=answer)
+    with pytest.warns(RuntimeWarning, match="fallback"):
+        response = client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=50)
+    assert response.choices[0].message.content == "Hello!"
+    assert ledger.fallback_path.exists()
+    assert oct(ledger.fallback_path.stat().st_mode & 0o777) == "0o600"
+    assert KEY not in ledger.fallback_path.read_text()
+    if failure == "locked":
+        blocker.execute("ROLLBACK")
+    blocker.close()
+
+    reopened = kb.Ledger(ledger_path)  # merges the fallback file
+    assert not ledger.fallback_path.exists()
+    calls = reopened.calls(10)
+    assert len(calls) == 1 and calls[0]["status"] == "ok" and calls[0]["cost_nanos"] == 69400
+    assert reopened.pending() == []
+    [daily] = reopened.status(kb.Budget(daily="1"))
+    assert daily.spent_usd == reopened.spend() and daily.reserved_usd == 0
+    kb.Ledger(ledger_path)  # a second open merges nothing twice
+    assert len(reopened.calls(10)) == 1 and reopened.spend() == daily.spent_usd
+
+
+def test_unwritable_ledger_before_a_call_sends_nothing(
+    moonshot_mock: respx.Router, ledger_path: Path
+) -> None:
+    import sqlite3
+
+    route = moonshot_mock.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion()))
+    client = kb.OpenAI(
+        api_key=KEY, base_url=MOCK_BASE_URL, ledger=kb.Ledger(ledger_path, busy_timeout=0.1)
+    )
+    blocker = sqlite3.connect(ledger_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(kb.LedgerError, match="locked"):
+            client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    finally:
+        blocker.execute("ROLLBACK")
+    assert route.call_count == 0
+
+
+def test_no_warning_and_no_fallback_on_the_happy_path(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router
+) -> None:
+    moonshot_mock.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert not mocked_client.ledger.fallback_path.exists()
+
+
+def test_wait_is_parsed_from_moonshot_message() -> None:
+    exc = openai.RateLimitError(
+        RATE_LIMITED,
+        response=httpx.Response(429, request=httpx.Request("POST", MOCK_BASE_URL)),
+        body={"error": {"type": "rate_limit_reached_error", "message": RATE_LIMITED}},
+    )
+    assert _retry.server_wait(exc) == 7.0
+    assert _retry.is_retryable(exc)
+    assert _retry.error_type(exc) == "rate_limit_reached_error"
