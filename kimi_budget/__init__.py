@@ -11,7 +11,7 @@ local SQLite ledger::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 from ._balance import Balance
 from ._budget import Budget
@@ -27,8 +27,8 @@ from ._exceptions import (
 from ._ledger import Ledger
 
 try:
-    __version__ = version("kimi-budget")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _metadata.version("kimi-budget")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [

@@ -222,12 +222,12 @@ class Ledger:
                     path=str(path),
                 ) from None
         try:
+            self._check_ours(path)
             conn = sqlite3.connect(
                 path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            self._check_ours(conn)
             apply_migrations(conn)
         except sqlite3.DatabaseError as exc:
             raise LedgerError(self._explain(exc, "open"), path=str(path)) from None
@@ -236,7 +236,7 @@ class Ledger:
     def _refuse_foreign_file(self, path: Path) -> None:
         if path.is_symlink():
             target = path.resolve()
-            if not (target.is_file() and _header_is_ours(target)):
+            if not (target.is_file() and _is_ledger(target)):
                 raise LedgerError(
                     f"The ledger path {path} is a symbolic link to {target}, which is not a "
                     f"kimi-budget ledger; refusing to write through it. Point ledger= at a "
@@ -253,14 +253,17 @@ class Ledger:
             if not stat.S_ISREG(path.stat().st_mode):
                 raise LedgerError(f"The ledger path {path} is not a regular file.", path=str(path))
 
-    def _check_ours(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == APPLICATION_ID:
+    def _check_ours(self, path: Path) -> None:
+        """Refuse, without writing a byte, any non-empty file that is not one of our ledgers."""
+        if path.stat().st_size == 0 or _header_is_ours(path):
             return
-        tables = conn.execute(
-            "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
-        ).fetchone()[0]
-        if app_id != 0 or tables:
+        with open(path, "rb") as f:
+            magic = f.read(len(_SQLITE_MAGIC))
+        if magic != _SQLITE_MAGIC:
+            raise sqlite3.DatabaseError("file is not a database")
+        app_id, tables = _probe(path)
+        # An empty SQLite database (no tables yet) may be adopted; anything else is not ours.
+        if app_id != APPLICATION_ID and (app_id != 0 or tables):
             raise LedgerError(
                 f"{self.path} is a SQLite database but not a kimi-budget ledger; kimi-budget "
                 f"will not write to it. Choose another path with ledger= or KIMI_BUDGET_LEDGER.",
@@ -770,6 +773,26 @@ class Ledger:
 def _rollback(conn: sqlite3.Connection) -> None:
     with contextlib.suppress(sqlite3.Error):
         conn.execute("ROLLBACK")
+
+
+def _probe(path: Path) -> tuple[int, int]:
+    """(application_id, table count) read through SQLite, read-only: the WAL may hold news."""
+    probe = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        app_id = probe.execute("PRAGMA application_id").fetchone()[0]
+        tables = probe.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    finally:
+        probe.close()
+    return int(app_id), int(tables)
+
+
+def _is_ledger(path: Path) -> bool:
+    if _header_is_ours(path):
+        return True
+    try:
+        return _probe(path)[0] == APPLICATION_ID
+    except sqlite3.Error:
+        return False
 
 
 def _header_is_ours(path: Path) -> bool:

@@ -258,7 +258,9 @@ _JSON_SCHEMA_TEXT: Final = (
     "Your response must be raw JSON data without markdown code blocks (```json) or any "
     "additional formatting.\nThe JSON data must match the following schema:\n```json\n"
 )
-_K3_TOOLS_HEADER: Final = "# Tools\nHere are the available tools, described in JSONSchema.\n\n```json\n"
+_K3_TOOLS_HEADER: Final = (
+    "# Tools\nHere are the available tools, described in JSONSchema.\n\n```json\n"
+)
 
 # Media.  MoonViT: 14-pixel patches merged 2x2, so one token per 28x28 pixels after resize.
 _K2_IN_PATCH_LIMIT: Final = 16384  # Kimi-K2.5/K2.6 preprocessor_config media_proc_cfg
@@ -319,20 +321,9 @@ def _profile(tokenizer: str) -> _Profile:
             raise ValueError(
                 f"unknown tokenizer {tokenizer!r}: expected one of {', '.join(TOKENIZER_NAMES)}"
             )
-        with _LOAD_LOCK if tokenizer == "approximate" else _NoLock():
-            prof = _PROFILES.get(tokenizer) or _Profile(tokenizer)
-            _PROFILES[tokenizer] = prof
+        # load_tokenizer locks; two threads racing here build two equal profiles, harmless.
+        prof = _PROFILES[tokenizer] = _Profile(tokenizer)
     return prof
-
-
-class _NoLock:
-    """load_tokenizer takes the lock itself; a duplicate _Profile in a race is harmless."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
 
 
 def count_text_tokens(text: str, tokenizer: str) -> int:
@@ -388,32 +379,40 @@ def _split_content(content: object, prof: _Profile) -> _Content:
         return out
     run: list[str] = []
     for part in content:
-        if isinstance(part, Mapping):
-            ptype = part.get("type")
-            if ptype == "text" or (ptype is None and "text" in part and len(part) == 1):
-                text = part.get("text")
-                if not isinstance(text, str):
-                    text = _to_text(text)
-                    out.exact = False
-                run.append(text)
-                continue
-            if ptype in ("image_url", "image") or "image_url" in part or "image" in part:
-                out.media += _MEDIA_WRAPPER + _image_part_tokens(part, prof)
-            elif ptype in ("video_url", "video") or "video_url" in part:
-                out.media += _MEDIA_WRAPPER + _VIDEO_TOKENS
-            else:
-                # input_audio, file, unknown types: the template would print part['text'];
-                # counting the whole part as text is the safe upper side.
-                run.append(_to_text(part))
-            out.exact = False
-            if ptype in ("image_url", "image", "video_url", "video") or "image_url" in part:
-                out.texts.append("".join(run))
-                run = []
-        else:
+        if not isinstance(part, Mapping):
             run.append(part if isinstance(part, str) else _to_text(part))
             out.exact = False
+            continue
+        ptype = part.get("type")
+        if ptype == "text" or (ptype is None and "text" in part and len(part) == 1):
+            text = part.get("text")
+            if not isinstance(text, str):
+                text = _to_text(text)
+                out.exact = False
+            run.append(text)
+            continue
+        out.exact = False
+        media = _media_tokens(part, ptype, prof)
+        if media is None:
+            # input_audio, file, unknown types: the template would print part['text'];
+            # counting the whole part as text is the safe upper side.
+            run.append(_to_text(part))
+        else:
+            out.texts.append("".join(run))
+            run = []
+            out.media += media
     out.texts.append("".join(run))
     return out
+
+
+def _media_tokens(part: Mapping[str, Any], ptype: object, prof: _Profile) -> int | None:
+    """Tokens of an image or video part, wrapper included; None if the part is neither."""
+    # The templates' own test: type 'image', or an 'image' / 'image_url' key.
+    if ptype in ("image_url", "image") or "image_url" in part or "image" in part:
+        return _MEDIA_WRAPPER + _image_part_tokens(part, prof)
+    if ptype in ("video_url", "video") or "video_url" in part or "video" in part:
+        return _MEDIA_WRAPPER + _VIDEO_TOKENS
+    return None
 
 
 def _content_tokens(content: object, prof: _Profile, prefix: str = "") -> tuple[int, bool]:
@@ -632,7 +631,10 @@ def _ts_object(schema: Mapping[str, Any], indent: str, defs: dict[str, Any]) -> 
         doc = _ts_doc(prop, kind, inner) if isinstance(prop, Mapping) else ""
         if isinstance(prop, Mapping) and prop.get("default") is not None:
             d = prop["default"]
-            shown = repr(d) if isinstance(d, (int, float, bool)) else json.dumps(d, ensure_ascii=False)
+            if isinstance(d, (int, float, bool)):
+                shown = repr(d)
+            else:
+                shown = json.dumps(d, ensure_ascii=False)
             doc += f"{inner}// Default: {shown}\n"
         optional = "?" if name not in required else ""
         fields.append(f"{doc}{inner}{name}{optional}: {_ts_type(prop, inner, defs)}")
@@ -807,7 +809,12 @@ def _render_k2(body: Mapping[str, Any], prof: _Profile) -> tuple[int, bool]:
         tools = [{"type": "function", "function": f} for f in fns] if isinstance(fns, list) else fns
         exact = False
     if tools:
-        decl, ok = _k2_tool_declaration(tools)
+        if prof.exact:
+            decl, ok = _k2_tool_declaration(tools)
+        else:
+            # moonshot-v1's tool rendering is unknown; the JSON as sent is the larger of the
+            # two forms Kimi servers have used.
+            decl, ok = _to_text(tools), False
         # <|im_system|> tool_declare <|im_middle|> {decl} <|im_end|>
         n += 3 + const("tool_declare") + count(decl)
         exact = exact and ok
@@ -997,7 +1004,8 @@ def _render_k3(body: Mapping[str, Any], prof: _Profile) -> tuple[int, bool]:
 
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            n += _k3_tag(prof, 'message role="user"') + count(_to_text(m)) + _k3_tag(prof, "message") + 1
+            n += _k3_tag(prof, 'message role="user"') + count(_to_text(m))
+            n += _k3_tag(prof, "message") + 1
             exact = False
             continue
         role = m.get("role")
@@ -1102,7 +1110,8 @@ def _k3_tool_calls(
             n += count(_to_text(tc))
             exact = False
             continue
-        fn = tc.get("function") if isinstance(tc.get("function"), Mapping) else tc
+        fn_obj = tc.get("function")
+        fn: Mapping[str, Any] = fn_obj if isinstance(fn_obj, Mapping) else tc
         fname = str(fn.get("name", ""))
         if "name" not in fn:
             exact = False

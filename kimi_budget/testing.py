@@ -267,7 +267,7 @@ class RecordedRequest:
     status: int = 0
     """Status sent; 0 while the request is being handled or if no response was sent."""
     duration: float = 0.0
-    """Server time: from the request line to the last byte written, sleeps included."""
+    """Server time: from the request line to the last write, sleeps included (0 until then)."""
     fault: Fault | None = None
     usage: dict[str, int] | None = None
     """Usage Moonshot would bill for this request, whether or not the client saw it."""
@@ -599,8 +599,9 @@ class MoonshotStandIn:
             self._reply_for({})
         server = _Server((self.host, self._requested_port), self)
         self._server = server
+        # stop() waits up to one poll interval: short keeps per-test teardown cheap.
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05},
+            target=server.serve_forever, kwargs={"poll_interval": 0.01},
             name=f"moonshot-standin:{server.server_port}", daemon=True,
         )
         self._thread.start()
@@ -790,7 +791,8 @@ class MoonshotStandIn:
                 with contextlib.suppress(_ClientGone):
                     self._send_error(h, rec, bug)
         finally:
-            rec.duration = time.perf_counter() - started
+            if not rec.duration:
+                rec.duration = time.perf_counter() - started
 
     def _check_auth(self, value: str | None) -> None:
         scheme, _, key = (value or "").partition(" ")
@@ -891,7 +893,10 @@ class MoonshotStandIn:
               content_type: str = "application/json; charset=utf-8",
               headers: Mapping[str, str] | None = None) -> None:
         # One write per response: headers and body in the same TCP segment.
-        self._write(h, self._head(h, rec, status, content_type, headers, len(payload)) + payload)
+        data = self._head(h, rec, status, content_type, headers, len(payload)) + payload
+        # Set before the write, so a client that got the response always sees it.
+        rec.duration = time.perf_counter() - h.started
+        self._write(h, data)
 
     def _send_json(self, h: _Handler, rec: RecordedRequest, status: int, obj: Any) -> None:
         self._send(h, rec, status, _dumps(obj))
@@ -1205,8 +1210,10 @@ class MoonshotStandIn:
                 rec.reported_usage = usage
                 with self._lock:
                     self.billed.append(billed)
+            data = _frame(buf, framed) + b"0\r\n\r\n"
+            rec.duration = time.perf_counter() - h.started
             try:
-                self._write(h, _frame(buf, framed) + b"0\r\n\r\n")
+                self._write(h, data)
             except _ClientGone:
                 self._unbill(billed)
                 raise

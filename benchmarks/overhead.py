@@ -1,0 +1,266 @@
+"""Per-call overhead: kimi-budget against the raw ``openai`` client, side by side.
+
+Both clients talk to the same MoonshotStandIn (in a subprocess, so its CPU stays off the
+client's GIL) and their calls are interleaved (ABBA order), so drift in machine load hits both
+alike. The guarded client has a budget with every cap set and a ledger that already holds
+``rows`` calls in the current month. A second, instrumented pass splits the wrapper's time
+into its stages.
+
+    python benchmarks/overhead.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    CAPS,
+    MESSAGES,
+    MODEL,
+    TAGS,
+    Sample,
+    StageTimer,
+    check_totals,
+    fmt_us,
+    ledger_copy,
+    remove_ledger,
+    standin,
+    table,
+)
+
+KEY = "sk-bench-0000000000000000"
+
+
+@dataclass
+class Comparison:
+    label: str
+    raw: Sample
+    guarded: Sample
+    stages: StageTimer | None = None
+    per: str = "call"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.guarded.median_us / self.raw.median_us
+
+    @property
+    def added_us(self) -> float:
+        return self.guarded.median_us - self.raw.median_us
+
+
+def _clients(url: str, rows: int, name: str, *, asynchronous: bool = False) -> tuple[Any, Any, Any]:
+    import openai
+
+    import kimi_budget as kb
+
+    path = ledger_copy(rows, name)
+    ledger = kb.Ledger(path)
+    budget = kb.Budget(**CAPS)
+    check_totals(ledger, budget)  # registers the budget (backfilling its totals) and checks them
+    if asynchronous:
+        raw: Any = openai.AsyncOpenAI(api_key=KEY, base_url=url)
+        guarded: Any = kb.AsyncOpenAI(api_key=KEY, base_url=url, ledger=ledger, budget=budget, tags=TAGS)
+    else:
+        raw = openai.OpenAI(api_key=KEY, base_url=url)
+        guarded = kb.OpenAI(api_key=KEY, base_url=url, ledger=ledger, budget=budget, tags=TAGS)
+    return raw, guarded, ledger
+
+
+def _one(client: Any, stream: bool) -> int:
+    started = time.perf_counter_ns()
+    if stream:
+        chunks = 0
+        for _ in client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=400, stream=True
+        ):
+            chunks += 1
+        assert chunks >= 200, chunks
+    else:
+        response = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
+        assert response.usage is not None
+    return time.perf_counter_ns() - started
+
+
+def sync_comparison(url: str, *, rows: int, calls: int, stream: bool, warmup: int = 30) -> Comparison:
+    raw, guarded, ledger = _clients(url, rows, "overhead-stream" if stream else "overhead")
+    try:
+        for _ in range(warmup):
+            _one(raw, stream)
+            _one(guarded, stream)
+        before = ledger.conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+        raw_s, kb_s = Sample(), Sample()
+        gc.collect()
+        for i in range(calls):
+            if i % 2:
+                raw_s.add(_one(raw, stream))
+                kb_s.add(_one(guarded, stream))
+            else:
+                kb_s.add(_one(guarded, stream))
+                raw_s.add(_one(raw, stream))
+        after = ledger.conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+        assert after - before == calls, "every guarded call must leave one ledger row"
+        stages = StageTimer().install(ledger)
+        try:
+            for _ in range(max(calls // 2, 10)):
+                _one(guarded, stream)
+                stages.end_call()
+        finally:
+            stages.uninstall()
+        pending = ledger.pending()
+        assert not pending, f"{len(pending)} reservations were left pending"
+    finally:
+        raw.close()
+        guarded.close()
+        ledger.close()
+        remove_ledger(ledger.path)
+    label = "200-chunk stream" if stream else "small call, not streamed"
+    return Comparison(f"sync {label}", raw_s, kb_s, stages)
+
+
+async def _async_round(client: Any, concurrency: int, latencies: Sample) -> int:
+    async def one() -> None:
+        started = time.perf_counter_ns()
+        response = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
+        assert response.usage is not None
+        latencies.add(time.perf_counter_ns() - started)
+
+    started = time.perf_counter_ns()
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    return time.perf_counter_ns() - started
+
+
+async def _async_comparison(url: str, rows: int, rounds: int, concurrency: int) -> Comparison:
+    raw, guarded, ledger = _clients(url, rows, "overhead-async", asynchronous=True)
+    try:
+        scratch = Sample()
+        for _ in range(3):
+            await _async_round(raw, concurrency, scratch)
+            await _async_round(guarded, concurrency, scratch)
+        raw_lat, kb_lat, raw_rounds, kb_rounds = Sample(), Sample(), Sample(), Sample()
+        gc.collect()
+        for i in range(rounds):
+            order = [(raw, raw_lat, raw_rounds), (guarded, kb_lat, kb_rounds)]
+            for client, latencies, per_round in order if i % 2 else order[::-1]:
+                per_round.add(await _async_round(client, concurrency, latencies))
+        stages = StageTimer().install(ledger)
+        try:
+            for _ in range(max(rounds // 2, 2)):
+                await _async_round(guarded, concurrency, scratch)
+                # Calls interleave on the loop: keep the per-call mean of each round.
+                stages.calls.append({k: v // concurrency for k, v in stages.current.items()})
+                stages.current.clear()
+        finally:
+            stages.uninstall()
+        assert not ledger.pending()
+    finally:
+        await raw.close()
+        await guarded.close()
+        ledger.close()
+        remove_ledger(ledger.path)
+    # Per call: the round's wall time shared by its calls (what the wrapper costs in throughput).
+    per_call_raw = Sample([v // concurrency for v in raw_rounds.values])
+    per_call_kb = Sample([v // concurrency for v in kb_rounds.values])
+    result = Comparison(
+        f"async, {concurrency} concurrent calls", per_call_raw, per_call_kb, stages, per="call (round / 50)"
+    )
+    result.notes.append(
+        f"latency of one call within a round: raw median {fmt_us(raw_lat.median_us)}, "
+        f"p99 {fmt_us(raw_lat.p99_us)}; kimi-budget median {fmt_us(kb_lat.median_us)}, "
+        f"p99 {fmt_us(kb_lat.p99_us)}"
+    )
+    result.notes.append(
+        f"round of {concurrency}: raw median {fmt_us(raw_rounds.median_us)}, "
+        f"kimi-budget median {fmt_us(kb_rounds.median_us)}"
+    )
+    return result
+
+
+def async_comparison(url: str, *, rows: int, rounds: int, concurrency: int = 50) -> Comparison:
+    return asyncio.run(_async_comparison(url, rows, rounds, concurrency))
+
+
+def comparison_rows(results: list[Comparison]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        rows.append([
+            r.label,
+            fmt_us(r.raw.median_us), fmt_us(r.raw.p99_us),
+            fmt_us(r.guarded.median_us), fmt_us(r.guarded.p99_us),
+            f"{r.ratio:.3f}×", fmt_us(r.added_us),
+        ])
+    return rows
+
+
+def stage_rows(results: list[Comparison]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        assert r.stages is not None
+        medians = [r.stages.median_us(s) for s in StageTimer.STAGES]
+        rest = r.added_us - sum(medians)
+        rows.append([r.label, *(fmt_us(m) for m in medians), fmt_us(sum(medians)), fmt_us(rest)])
+    return rows
+
+
+COMPARISON_HEADERS = ["per-call wall time", "raw median", "raw p99", "kimi-budget median",
+                      "kimi-budget p99", "ratio", "added"]
+STAGE_HEADERS = ["added time by stage (median)", *StageTimer.STAGES, "sum of stages",
+                 "rest (retry loop, option copy), by difference"]
+
+
+def run(
+    *,
+    tiny: bool = False,
+    subprocess_server: bool = True,
+    rows: int | None = None,
+    calls: int | None = None,
+) -> dict[str, Any]:
+    rows = rows if rows is not None else 1_000 if tiny else 1_000_000
+    calls = calls if calls is not None else 20 if tiny else 2_000
+    stream_calls = max(calls // 5, 6)
+    rounds = max(calls // 50, 2)
+    with standin(stream_chunks=200, subprocess_=subprocess_server) as url:
+        small = sync_comparison(url, rows=rows, calls=calls, stream=False, warmup=5 if tiny else 100)
+        streamed = sync_comparison(url, rows=rows, calls=stream_calls, stream=True, warmup=3 if tiny else 20)
+        concurrent = async_comparison(url, rows=rows, rounds=rounds)
+    results = [small, streamed, concurrent]
+    return {
+        "rows": rows,
+        "results": results,
+        "small": small,
+        "stream": streamed,
+        "async": concurrent,
+        "text": "\n\n".join([
+            f"Ledger: {rows:,} rows this month; budget: {', '.join(CAPS)} caps; "
+            f"{calls:,} small calls, {stream_calls:,} streams, {rounds} async rounds per client.",
+            table(COMPARISON_HEADERS, comparison_rows(results)),
+            table(STAGE_HEADERS, stage_rows(results)),
+            "\n".join(f"- {note}" for r in results for note in r.notes),
+        ]),
+    }
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a few calls on a 1k-row ledger")
+    parser.add_argument("--in-process", action="store_true", help="serve from this process")
+    parser.add_argument("--rows", type=int, help="ledger rows (default 1,000,000)")
+    parser.add_argument("--calls", type=int, help="small calls per client (default 2,000)")
+    args = parser.parse_args()
+    out = run(tiny=args.tiny, subprocess_server=not args.in_process, rows=args.rows, calls=args.calls)
+    print(out["text"])
+
+
+if __name__ == "__main__":
+    main()
