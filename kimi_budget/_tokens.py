@@ -183,7 +183,8 @@ def _approx_count(text: str) -> int:
 
     Coefficients were fitted on English, Chinese and Python code so that the estimate exceeds
     the K2 tokenizer on 95% of 200-character windows and by 15-25% in total (see
-    benchmarks/token_accuracy.py).  Each term is an upper-ish bound on what K2 does:
+    benchmarks/token_accuracy.py).  Each term below bounds, roughly from above, what the K2
+    tokenizer does with that character class.
     """
     if not text:
         return 0
@@ -292,7 +293,15 @@ class _Profile:
             encode = load_tokenizer(method).encode_ordinary
 
             def count(text: str) -> int:
-                return len(encode(text)) if text else 0
+                if not text:
+                    return 0
+                try:
+                    return len(encode(text))
+                except UnicodeEncodeError:
+                    # Lone surrogates (e.g. from a JSON "\ud800") cannot cross into Rust; count
+                    # each of their bytes as a replacement character, the dear side.
+                    raw = text.encode("utf-8", "surrogatepass")
+                    return len(encode(raw.decode("utf-8", "replace")))
 
             self.count = count
         if self.family == "k3":
@@ -812,9 +821,13 @@ def _render_k2(body: Mapping[str, Any], prof: _Profile) -> tuple[int, bool]:
         if prof.exact:
             decl, ok = _k2_tool_declaration(tools)
         else:
-            # moonshot-v1's tool rendering is unknown; the JSON as sent is the larger of the
-            # two forms Kimi servers have used.
-            decl, ok = _to_text(tools), False
+            # moonshot-v1's tool rendering is unknown; compact JSON is the larger of the two
+            # forms Kimi servers have used.
+            if isinstance(tools, (list, tuple)):
+                decl = _compact_tools_json(tools)
+            else:
+                decl = _to_text(tools)
+            ok = False
         # <|im_system|> tool_declare <|im_middle|> {decl} <|im_end|>
         n += 3 + const("tool_declare") + count(decl)
         exact = exact and ok

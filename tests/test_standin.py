@@ -627,7 +627,7 @@ def test_latency_range_is_respected() -> None:
             c.chat.completions.create(model=MODEL, messages=HI)
             assert time.perf_counter() - started >= 0.03
         durations = [r.duration for r in s.requests]
-        assert all(0.03 <= d < 0.06 + 0.05 for d in durations)
+        assert all(0.03 <= d < 0.06 + 0.25 for d in durations)  # generous: loaded CI boxes
         assert len(set(durations)) > 1
 
 
