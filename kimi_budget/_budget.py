@@ -187,8 +187,28 @@ def _local_midnight(day: Any, tz: ZoneInfo) -> datetime:
     return aware.astimezone(UTC).astimezone(tz).replace(tzinfo=tz).astimezone(UTC)
 
 
+_WINDOW_KEYS: dict[tuple[Any, ...], str] = {}
+
+
 def window_key(window: str, instant: datetime, tz: ZoneInfo) -> str:
-    """The stored key of the window holding ``instant``: its UTC start, or '' for all time."""
+    """The stored key of the window holding ``instant``: its UTC start, or '' for all time.
+
+    Every ledger write needs these keys, and computing one costs a few microseconds, so they
+    are memoized. The cache key is exactly what ``window_bounds`` depends on: the local date
+    (day, week and month windows), or the local hour and UTC offset (hour windows).
+    """
     if window == "total":
         return ""
-    return format_utc(window_bounds(window, instant, tz)[0])
+    local = instant.astimezone(tz)
+    if window == "hourly":
+        offset = local.utcoffset()
+        memo: tuple[Any, ...] = (tz, local.year, local.month, local.day, local.hour, offset)
+    else:
+        memo = (tz, window, local.year, local.month, local.day)
+    key = _WINDOW_KEYS.get(memo)
+    if key is None:
+        key = format_utc(window_bounds(window, instant, tz)[0])
+        if len(_WINDOW_KEYS) >= 4096:
+            _WINDOW_KEYS.clear()
+        _WINDOW_KEYS[memo] = key
+    return key

@@ -37,7 +37,15 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from ._budget import WINDOWS, Budget, canonical_tags, format_utc, tags_json, window_bounds
+from ._budget import (
+    WINDOWS,
+    Budget,
+    canonical_tags,
+    format_utc,
+    tags_json,
+    window_bounds,
+    window_key,
+)
 from ._exceptions import BudgetExceededError, LedgerError
 from ._migrations import APPLICATION_ID, apply_migrations
 from ._money import to_usd
@@ -365,10 +373,14 @@ class Ledger:
             scopes = self._scopes(conn)
             instant = reservation.created_at
             for budget in applicable:
+                if not budget.windows:
+                    continue  # a per_call-only budget keeps no totals (and has no scope row)
                 scope = next(s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name)
+                totals = self._read_totals(conn, scope, budget.windows, instant)
+                caps = budget.caps_nanos
                 for window in budget.windows:
-                    spent, reserved = self._read_total(conn, scope, window, instant)
-                    cap = budget.caps_nanos[window]
+                    spent, reserved = totals[window]
+                    cap = caps[window]
                     if spent + reserved + projected > cap:
                         end = window_bounds(window, instant, budget.tz)[1]
                         refusal = BudgetExceededError(
@@ -585,10 +597,30 @@ class Ledger:
             (scope_id, window, "" if window == "total" else format_utc(start), spent, reserved),
         )
 
+    def _read_totals(
+        self, conn: sqlite3.Connection, scope: _Scope, windows: Sequence[str], instant: datetime
+    ) -> dict[str, tuple[int, int]]:
+        """``(spent, reserved)`` of each window holding ``instant``, in one indexed query."""
+        keys = [(window, window_key(window, instant, scope.tz)) for window in windows]
+        params: list[Any] = [scope.id]
+        for key in keys:
+            params += key
+        # OR of equalities, not a row-value IN: SQLite answers it with one primary-key search
+        # per window instead of scanning every window start the scope ever had.
+        rows = conn.execute(
+            "SELECT window, start, spent_nanos, reserved_nanos FROM window_totals "
+            "WHERE scope_id = ? AND ("
+            + " OR ".join(["(window = ? AND start = ?)"] * len(keys))
+            + ")",
+            params,
+        ).fetchall()
+        found = {(row[0], row[1]): (row[2], row[3]) for row in rows}
+        return {window: found.get((window, key), (0, 0)) for window, key in keys}
+
     def _read_total(
         self, conn: sqlite3.Connection, scope: _Scope, window: str, instant: datetime
     ) -> tuple[int, int]:
-        key = "" if window == "total" else format_utc(window_bounds(window, instant, scope.tz)[0])
+        key = window_key(window, instant, scope.tz)
         row = conn.execute(
             "SELECT spent_nanos, reserved_nanos FROM window_totals "
             "WHERE scope_id = ? AND window = ? AND start = ?",
@@ -608,22 +640,20 @@ class Ledger:
     ) -> None:
         if not spent and not reserved:
             return
-        for scope in scopes:
-            if not scope.matches(tags):
-                continue
-            for window in scope.windows:
-                key = (
-                    ""
-                    if window == "total"
-                    else format_utc(window_bounds(window, instant, scope.tz)[0])
-                )
-                conn.execute(
-                    "INSERT INTO window_totals (scope_id, window, start, spent_nanos, "
-                    "reserved_nanos) VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope_id, window, start) "
-                    "DO UPDATE SET spent_nanos = spent_nanos + excluded.spent_nanos, "
-                    "reserved_nanos = reserved_nanos + excluded.reserved_nanos",
-                    (scope.id, window, key, spent, reserved),
-                )
+        rows = [
+            (scope.id, window, window_key(window, instant, scope.tz), spent, reserved)
+            for scope in scopes
+            if scope.matches(tags)
+            for window in scope.windows
+        ]
+        if rows:
+            conn.executemany(
+                "INSERT INTO window_totals (scope_id, window, start, spent_nanos, "
+                "reserved_nanos) VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope_id, window, start) "
+                "DO UPDATE SET spent_nanos = spent_nanos + excluded.spent_nanos, "
+                "reserved_nanos = reserved_nanos + excluded.reserved_nanos",
+                rows,
+            )
 
     # -- fallback --------------------------------------------------------------------------
 

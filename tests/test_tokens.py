@@ -234,7 +234,7 @@ def test_tool_calls_and_results_render_like_the_template() -> None:
             },
         }
     ]
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Oslo?"},
         {
@@ -273,7 +273,7 @@ def test_tool_calls_and_results_render_like_the_template() -> None:
 
 
 def test_thinking_models_keep_reasoning_only_after_the_last_plain_answer() -> None:
-    turns = [
+    turns: list[dict[str, Any]] = [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1", "reasoning_content": "old thoughts"},
@@ -364,7 +364,7 @@ def test_k3_rendering_matches_the_template() -> None:
         "Now the system is invoked with `thinking_effort=max`."
     )
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "2+3?"},
         {
@@ -683,7 +683,7 @@ def test_fuzz_never_raises_and_respects_the_floor(method: str, req: dict[str, An
 @given(garbage=_json)
 @_FUZZ
 def test_fuzz_garbage_bodies(method: str, garbage: Any) -> None:
-    est = count_request_tokens(garbage, method)  # type: ignore[arg-type]
+    est = count_request_tokens(garbage, method)
     assert est.tokens > 0
     assert not est.exact or isinstance(garbage, dict)
 
@@ -714,7 +714,7 @@ def test_fuzz_adding_a_message_never_lowers_the_count(
 def test_a_new_answer_drops_earlier_reasoning_as_the_template_does() -> None:
     # The documented exception to monotonicity (server-side too): reasoning after the last
     # plain answer is sent; once a newer plain answer exists, it renders as <think></think>.
-    turns = [
+    turns: list[dict[str, Any]] = [
         {"role": "user", "content": "q"},
         {
             "role": "assistant",

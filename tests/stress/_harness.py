@@ -470,17 +470,30 @@ class CrashReport:
     problems: list[str] = field(default_factory=list)
 
 
-def _lines(proc: subprocess.Popen[str], deadline: float) -> Iterator[str]:
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            return
-        line = proc.stdout.readline()
-        if not line:
-            return
-        yield line.strip()
+class _LineReader:
+    """Lines of a child's stdout, with a deadline. Reads the raw pipe: a buffered reader would
+    hide lines that already arrived from ``select``."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self.fd = proc.stdout.fileno()
+        self.buffer = b""
+
+    def lines(self, deadline: float) -> Iterator[str]:
+        while True:
+            while b"\n" in self.buffer:
+                line, _, self.buffer = self.buffer.partition(b"\n")
+                yield line.decode("utf-8", "replace").strip()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if not ready:
+                return
+            data = os.read(self.fd, 65536)
+            if not data:
+                return
+            self.buffer += data
 
 
 def run_crashes(size: Size, workdir: Path, *, seed: int = 7) -> CrashReport:
@@ -527,22 +540,23 @@ def run_crashes(size: Size, workdir: Path, *, seed: int = 7) -> CrashReport:
             cfg = {**common, "mode": "crash", "point": point, "first_id": next_id, "out": ""}
             next_id += 10_000
             proc = spawn_worker(cfg, stdout=subprocess.PIPE)
+            reader = _LineReader(proc)
             reached = False
             deadline = time.monotonic() + 60
             if point == "random":
                 # Let it get going (imports done, calls flowing), then kill it wherever it is.
-                for line in _lines(proc, deadline):
+                for line in reader.lines(deadline):
                     if line.startswith("RESERVED "):
                         reserved.add(int(line.split()[1]))
                     if line == "READY":
                         break
                 kill_at = time.monotonic() + rng.uniform(0.05, 1.5)
-                for line in _lines(proc, kill_at):
+                for line in reader.lines(kill_at):
                     if line.startswith("RESERVED "):
                         reserved.add(int(line.split()[1]))
                 reached = True
             else:
-                for line in _lines(proc, deadline):
+                for line in reader.lines(deadline):
                     if line.startswith("RESERVED "):
                         reserved.add(int(line.split()[1]))
                     if line == f"AT {point}":

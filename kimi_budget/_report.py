@@ -1,0 +1,652 @@
+"""What the ``kimi-budget`` command reads from a ledger, and how it prints it.
+
+Every SQL statement of the command line lives here, with bound parameters only. Money is summed
+as integer nano-dollars in SQL and turned into exact ``Decimal`` USD at the end, so a report's
+total equals ``Ledger.spend()`` for the same filters to the nano-dollar.
+
+Time buckets (day, week, month) are computed in the report's time zone with the same calendar
+rules as budget windows (``window_bounds``), and each bucket is summed by SQLite over a range of
+the ``created_at`` index: one statement, a correlated sub-select per bucket. On a million-row
+ledger that is faster than ``GROUP BY substr(created_at, ...)`` (which sorts every row) and it
+is exact in every time zone, DST days included.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from ._budget import format_utc, window_bounds
+from ._money import to_usd
+
+if TYPE_CHECKING:
+    from ._budget import Budget
+    from ._ledger import Ledger, WindowStatus
+    from ._pricing import ModelPrice, PriceTable
+    from ._tokens import TokenEstimate
+
+__all__ = [
+    "BUCKETS",
+    "Report",
+    "ReportRow",
+    "build_report",
+    "list_calls",
+    "parse_when",
+    "usd",
+]
+
+UTC = timezone.utc
+BUCKETS = {"day": "daily", "week": "weekly", "month": "monthly"}
+
+# One aggregate row: calls, cost, cache-hit input, all input, output, cache savings, estimated.
+# Cached tokens are clamped to [0, prompt] exactly as costs are (``call_cost_nanos``), and
+# savings use the prices stored on each row, so a price change never rewrites history.
+_CACHED = "max(min(coalesce(cached_tokens, 0), coalesce(prompt_tokens, 0)), 0)"
+_AGGREGATE = (
+    "count(*), "
+    "coalesce(sum(cost_nanos), 0), "
+    f"coalesce(sum({_CACHED}), 0), "
+    "coalesce(sum(coalesce(prompt_tokens, 0)), 0), "
+    "coalesce(sum(coalesce(completion_tokens, 0)), 0), "
+    f"coalesce(sum({_CACHED} * (price_cache_miss - price_cache_hit)), 0), "
+    "coalesce(sum(estimated), 0)"
+)
+# Reservations in flight are not spend: reports count settled rows only, as Ledger.spend does.
+_SETTLED = "status != 'pending'"
+
+
+# -- money and numbers ---------------------------------------------------------------------------
+
+
+def usd(nanos: int) -> str:
+    """Exact USD text without exponent: ``136200`` -> ``'0.0001362'``, 10 USD -> ``'10'``."""
+    return format(to_usd(nanos), "f")
+
+
+def dollars(nanos: int) -> str:
+    return ("-$" if nanos < 0 else "$") + usd(abs(nanos))
+
+
+def per_million(nanos_per_token: int) -> str:
+    """A per-token price as the pricing document writes it: USD per million, 2+ decimals."""
+    value = Decimal(nanos_per_token) / 1000
+    text = format(value.normalize(), "f")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def tokens(n: int) -> str:
+    return f"{n:,}"
+
+
+# -- dates ---------------------------------------------------------------------------------------
+
+
+def parse_when(text: str, tz: ZoneInfo, *, option: str) -> datetime:
+    """``--since``/``--until``: ISO date or date-time; without an offset it is in ``tz``.
+
+    ``today`` and ``yesterday`` are accepted too (midnight in ``tz``).
+    """
+    value = text.strip()
+    if value.lower() in ("today", "yesterday"):
+        day = datetime.now(tz).date() - timedelta(days=value.lower() == "yesterday")
+        return _midnight(day, tz)
+    try:
+        if len(value) == 10:
+            return _midnight(date.fromisoformat(value), tz)
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace(" ", "T", 1))
+    except ValueError:
+        raise ValueError(
+            f"{option}: {text!r} is not a date; use ISO 8601 such as 2026-11-01 or "
+            f"2026-11-01T08:00 (or today, yesterday)."
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
+
+
+def _midnight(day: date, tz: ZoneInfo) -> datetime:
+    # window_bounds knows about zones whose DST starts at midnight; ask it for the day's start.
+    noon = datetime.combine(day, time(12), tzinfo=tz)
+    return window_bounds("daily", noon, tz)[0]
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportRow:
+    """Spend and tokens of one group of settled calls (nano-dollars and tokens, exact)."""
+
+    key: str
+    calls: int = 0
+    cost_nanos: int = 0
+    input_hit: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    savings_nanos: int = 0
+    estimated: int = 0
+
+    @classmethod
+    def from_sql(cls, key: str, values: Sequence[Any]) -> ReportRow:
+        calls, cost, hit, prompt, output, savings, estimated = (int(v or 0) for v in values)
+        return cls(key, calls, cost, hit, prompt, output, savings, estimated)
+
+    @property
+    def input_miss(self) -> int:
+        return self.input_tokens - self.input_hit
+
+    def add(self, other: ReportRow) -> None:
+        self.calls += other.calls
+        self.cost_nanos += other.cost_nanos
+        self.input_hit += other.input_hit
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.savings_nanos += other.savings_nanos
+        self.estimated += other.estimated
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "calls": self.calls,
+            "input_cache_hit_tokens": self.input_hit,
+            "input_cache_miss_tokens": self.input_miss,
+            "output_tokens": self.output_tokens,
+            "spend_usd": usd(self.cost_nanos),
+            "cache_savings_usd": usd(self.savings_nanos),
+            "estimated_calls": self.estimated,
+        }
+
+
+@dataclass
+class Report:
+    by: str
+    tz: str
+    since: datetime | None
+    until: datetime | None
+    model: str | None
+    tags: dict[str, str]
+    rows: list[ReportRow]
+    total: ReportRow
+    pending_calls: int = 0
+    pending_nanos: int = 0
+    ledger: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger,
+            "by": self.by,
+            "tz": self.tz,
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "model": self.model,
+            "tags": self.tags,
+            "total_usd": usd(self.total.cost_nanos),
+            "total_cache_savings_usd": usd(self.total.savings_nanos),
+            "total_calls": self.total.calls,
+            "total": self.total.to_json(),
+            "rows": [row.to_json() for row in self.rows],
+            "pending_calls": self.pending_calls,
+            "pending_reserved_usd": usd(self.pending_nanos),
+        }
+
+
+def build_report(
+    ledger: Ledger,
+    *,
+    by: str = "model",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    tz: str = "UTC",
+) -> Report:
+    """Settled spend grouped ``by`` day/week/month (in ``tz``), model, ``tag:KEY`` or ``total``."""
+    where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
+    conn = ledger.conn
+    zone = ZoneInfo(tz)
+    if by in BUCKETS:
+        rows = _by_time(conn, BUCKETS[by], by, zone, where, params)
+    elif by == "model":
+        rows = [
+            ReportRow.from_sql(r[0], r[1:])
+            for r in conn.execute(
+                f"SELECT model, {_AGGREGATE} FROM calls WHERE {_SETTLED}{where} GROUP BY model",
+                params,
+            )
+        ]
+    elif by.startswith("tag:") and len(by) > 4:
+        path = '$."' + by[4:].replace('"', '""') + '"'
+        rows = [
+            ReportRow.from_sql("(none)" if r[0] is None else str(r[0]), r[1:])
+            for r in conn.execute(
+                f"SELECT json_extract(tags, ?) AS tag, {_AGGREGATE} FROM calls "
+                f"WHERE {_SETTLED}{where} GROUP BY tag",
+                [path, *params],
+            )
+        ]
+    elif by == "total":
+        row = conn.execute(f"SELECT {_AGGREGATE} FROM calls WHERE {_SETTLED}{where}", params)
+        rows = [ReportRow.from_sql("total", row.fetchone())]
+    else:
+        raise ValueError(f"--by must be day, week, month, model, tag:KEY or total, not {by!r}.")
+    rows = [row for row in rows if row.calls]
+    if by not in BUCKETS:
+        rows.sort(key=lambda row: (-row.cost_nanos, row.key))
+    total = ReportRow("total")
+    for row in rows:
+        total.add(row)
+    pending_calls, pending_nanos = conn.execute(
+        f"SELECT count(*), coalesce(sum(projected_nanos), 0) FROM calls "
+        f"WHERE status = 'pending'{where}",
+        params,
+    ).fetchone()
+    return Report(
+        by=by,
+        tz=tz,
+        since=since,
+        until=until,
+        model=model,
+        tags=dict(tags or {}),
+        rows=rows,
+        total=total,
+        pending_calls=int(pending_calls),
+        pending_nanos=int(pending_nanos),
+        ledger=str(ledger.path),
+    )
+
+
+def _by_time(
+    conn: Any, window: str, by: str, zone: ZoneInfo, where: str, params: list[Any]
+) -> list[ReportRow]:
+    first = conn.execute(
+        f"SELECT created_at FROM calls WHERE {_SETTLED}{where} ORDER BY created_at LIMIT 1", params
+    ).fetchone()
+    if first is None:
+        return []
+    last = conn.execute(
+        f"SELECT created_at FROM calls WHERE {_SETTLED}{where} ORDER BY created_at DESC LIMIT 1",
+        params,
+    ).fetchone()
+    buckets = _buckets(window, by, _parse_stored(first[0]), _parse_stored(last[0]), zone)
+    # The sub-select's `?` come first in the text, the bucket list (json_each) last.
+    sql = (
+        "SELECT json_extract(b.value, '$[0]'), "
+        f"(SELECT json_array({_AGGREGATE}) FROM calls "
+        "WHERE created_at >= json_extract(b.value, '$[1]') "
+        f"AND created_at < json_extract(b.value, '$[2]') AND {_SETTLED}{where}) "
+        "FROM json_each(?) AS b ORDER BY b.key"
+    )
+    rows = []
+    for key, values in conn.execute(sql, [*params, json.dumps(buckets)]):
+        rows.append(ReportRow.from_sql(key, json.loads(values)))
+    return rows
+
+
+def _buckets(
+    window: str, by: str, first: datetime, last: datetime, zone: ZoneInfo
+) -> list[tuple[str, str, str]]:
+    """``(label, start, end)`` of every calendar window from ``first`` to ``last``."""
+    start, end = window_bounds(window, first, zone)
+    buckets = []
+    while start <= last:
+        local = start.astimezone(zone)
+        label = local.strftime("%Y-%m") if by == "month" else local.date().isoformat()
+        buckets.append((label, format_utc(start), format_utc(end)))
+        start, end = window_bounds(window, end, zone)
+    return buckets
+
+
+def _parse_stored(text: str) -> datetime:
+    from ._budget import parse_utc
+
+    try:
+        return parse_utc(text)
+    except ValueError:  # a row written by hand in another ISO form still has a place
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# -- calls ---------------------------------------------------------------------------------------
+
+_CALL_COLUMNS = (
+    "id, call_id, created_at, finished_at, model, tags, status, stream, prompt_tokens, "
+    "cached_tokens, completion_tokens, cost_nanos, projected_nanos, estimated, attempts, "
+    "request_id, latency_ms, error, note, expires_at"
+)
+
+
+def list_calls(
+    ledger: Ledger,
+    *,
+    limit: int = 20,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """The latest calls (pending ones too), newest first, money as exact USD strings."""
+    where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
+    cursor = ledger.conn.execute(
+        f"SELECT {_CALL_COLUMNS} FROM calls WHERE 1 = 1{where} "
+        "ORDER BY created_at DESC, id DESC LIMIT ?",
+        [*params, limit],
+    )
+    names = [d[0] for d in cursor.description]
+    result = []
+    for values in cursor.fetchall():
+        row = dict(zip(names, values, strict=True))
+        row["tags"] = json.loads(row["tags"] or "{}")
+        row["stream"] = bool(row["stream"])
+        row["estimated"] = bool(row["estimated"])
+        row["cost_usd"] = usd(row.pop("cost_nanos"))
+        row["projected_usd"] = usd(row.pop("projected_nanos"))
+        result.append(row)
+    return result
+
+
+def format_call(row: Mapping[str, Any], zone: ZoneInfo) -> str:
+    """One call on one line, like ``llm logs``."""
+    when = _parse_stored(row["created_at"]).astimezone(zone)
+    parts = [when.strftime("%Y-%m-%d %H:%M:%S"), f"{row['status']:<11}", row["model"]]
+    if row["status"] == "pending":
+        parts.append(f"in flight, ${row['projected_usd']} reserved")
+    else:
+        prompt, cached = row["prompt_tokens"], row["cached_tokens"]
+        if prompt is not None:
+            hit = f" ({tokens(cached)} cached)" if cached else ""
+            parts.append(f"{tokens(prompt)} in{hit} / {tokens(row['completion_tokens'] or 0)} out")
+        cost = f"${row['cost_usd']}"
+        parts.append(f"~{cost} (estimated)" if row["estimated"] else cost)
+    if row["stream"]:
+        parts.append("stream")
+    if (row["attempts"] or 0) > 1:
+        parts.append(f"{row['attempts']} attempts")
+    if row["tags"]:
+        parts.append(" ".join(f"{k}={v}" for k, v in row["tags"].items()))
+    problem = row["error"] or row["note"]
+    if problem:
+        parts.append(f"- {_one_line(problem, 100)}")
+    return "  ".join(parts)
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BudgetStatus:
+    budget: Budget
+    windows: list[WindowStatus] = field(default_factory=list)
+
+
+def budget_status(ledger: Ledger, budgets: Iterable[Budget]) -> list[BudgetStatus]:
+    return [BudgetStatus(budget, ledger.status(budget)) for budget in budgets]
+
+
+def used_fraction(window: WindowStatus) -> Decimal:
+    used = window.spent_usd + window.reserved_usd
+    if window.limit_usd <= 0:
+        return Decimal(1) if used > 0 or window.limit_usd == 0 else Decimal(0)
+    return used / window.limit_usd
+
+
+def percent(fraction: Decimal) -> str:
+    return str((fraction * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)) + "%"
+
+
+def bar(fraction: Decimal, width: int = 20) -> str:
+    filled = min(int(fraction * width), width)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def local_time(instant: datetime | None, tz: str) -> str | None:
+    if instant is None:
+        return None
+    return instant.astimezone(ZoneInfo(tz)).isoformat(timespec="seconds")
+
+
+def until_text(instant: datetime, now: datetime) -> str:
+    seconds = max(int((instant - now).total_seconds()), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"in {days}d {hours}h"
+    if hours:
+        return f"in {hours}h {minutes}m"
+    return f"in {minutes}m"
+
+
+def window_json(window: WindowStatus) -> dict[str, Any]:
+    return {
+        "window": window.window,
+        "limit_usd": format(window.limit_usd, "f"),
+        "spent_usd": format(window.spent_usd, "f"),
+        "reserved_usd": format(window.reserved_usd, "f"),
+        "remaining_usd": format(window.remaining_usd, "f"),
+        "used_percent": percent(used_fraction(window))[:-1],
+        "window_start": local_time(window.start, window.tz),
+        "resets_at": local_time(window.resets_at, window.tz),
+    }
+
+
+def pending_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "call_id": row["call_id"],
+        "model": row["model"],
+        "created_at": row["created_at"],
+        "expires_at": row["expires_at"],
+        "reserved_usd": usd(int(row["projected_nanos"])),
+        "attempts": row["attempts"],
+        "tags": json.loads(row["tags"] or "{}"),
+    }
+
+
+# -- estimates -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """What ``prepare`` would conclude about a request, without refusing it."""
+
+    price: ModelPrice
+    estimate: TokenEstimate
+    max_output: int
+    explicit_max: bool
+    choices: int
+    fits: bool
+    projected_nanos: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.price.model,
+            "prompt_tokens": self.estimate.tokens,
+            "exact": self.estimate.exact,
+            "method": self.estimate.method,
+            "max_output_tokens": self.max_output,
+            "max_tokens_explicit": self.explicit_max,
+            "choices": self.choices,
+            "context_window": self.price.context_window,
+            "fits": self.fits,
+            "projected_usd": usd(self.projected_nanos),
+            "prices_per_million_usd": {
+                "cache_hit": per_million(self.price.cache_hit),
+                "cache_miss": per_million(self.price.cache_miss),
+                "output": per_million(self.price.output),
+            },
+        }
+
+
+def estimate_request(body: dict[str, Any], prices: PriceTable) -> Estimate:
+    """Run the client's own pre-flight (``_guard.prepare``) on ``body`` and report, not refuse."""
+    from ._exceptions import ContextLengthExceededError
+    from ._guard import GuardSettings, _positive_int, prepare
+    from ._tokens import count_request_tokens
+
+    # prepare() needs no ledger: it prices, counts and bounds the request, nothing else.
+    settings = GuardSettings(
+        ledger=None,  # type: ignore[arg-type]
+        budgets=(),
+        tags={},
+        prices=prices,
+        exact_tokens="never",
+    )
+    explicit = body.get("max_completion_tokens", body.get("max_tokens")) is not None
+    try:
+        prepared = prepare(settings, body, None)
+    except ContextLengthExceededError as exc:
+        price = prices.get(exc.model)
+        estimate = count_request_tokens(body, price.tokenizer)
+        choices = _positive_int(body.get("n")) or 1
+        projected = estimate.tokens * price.cache_miss + exc.max_tokens * choices * price.output
+        return Estimate(price, estimate, exc.max_tokens, True, choices, False, projected)
+    fits = prepared.estimate.tokens + prepared.max_output <= prepared.price.context_window
+    if not explicit:
+        # Without max_tokens the server still needs room for at least one output token.
+        fits = prepared.estimate.tokens < prepared.price.context_window
+    return Estimate(
+        prepared.price,
+        prepared.estimate,
+        prepared.max_output,
+        explicit,
+        prepared.choices,
+        fits,
+        prepared.projected_nanos,
+    )
+
+
+# -- tables and CSV ------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A plain-text table; columns listed in ``right`` are right-aligned (numbers)."""
+    text_rows = [[str(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in text_rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        out = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(cells)
+        ]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in text_rows)])
+
+
+def to_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+REPORT_CSV_HEADERS = (
+    "key",
+    "calls",
+    "input_cache_hit_tokens",
+    "input_cache_miss_tokens",
+    "output_tokens",
+    "spend_usd",
+    "cache_savings_usd",
+    "estimated_calls",
+)
+
+
+def report_csv_rows(report: Report) -> list[list[Any]]:
+    return [
+        [
+            row.key,
+            row.calls,
+            row.input_hit,
+            row.input_miss,
+            row.output_tokens,
+            usd(row.cost_nanos),
+            usd(row.savings_nanos),
+            row.estimated,
+        ]
+        for row in report.rows
+    ]
+
+
+def report_table(report: Report) -> str:
+    """The human form of a report: a table, its total, and what it does not count."""
+    key_header = {"day": "day", "week": "week of", "month": "month", "total": ""}.get(
+        report.by, report.by
+    )
+    if not report.rows:
+        return "No settled calls match." + _pending_note(report)
+    body = [
+        [
+            row.key,
+            tokens(row.calls),
+            tokens(row.input_hit),
+            tokens(row.input_miss),
+            tokens(row.output_tokens),
+            dollars(row.cost_nanos),
+            dollars(row.savings_nanos),
+        ]
+        for row in report.rows
+    ]
+    t = report.total
+    if report.by != "total":
+        body.append(
+            [
+                "TOTAL",
+                tokens(t.calls),
+                tokens(t.input_hit),
+                tokens(t.input_miss),
+                tokens(t.output_tokens),
+                dollars(t.cost_nanos),
+                dollars(t.savings_nanos),
+            ]
+        )
+    headers = [key_header, "calls", "input hit", "input miss", "output", "spend", "cache saved"]
+    text = table(headers, body, right=(1, 2, 3, 4, 5, 6))
+    notes = []
+    if t.estimated:
+        notes.append(
+            f"{t.estimated} call{'s' if t.estimated != 1 else ''} with an estimated cost "
+            f"(no usage arrived; see `kimi-budget calls`)."
+        )
+    pending = _pending_note(report).strip()
+    if pending:
+        notes.append(pending)
+    return text + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def _pending_note(report: Report) -> str:
+    if not report.pending_calls:
+        return ""
+    n = report.pending_calls
+    return (
+        f"\n{n} call{'s' if n != 1 else ''} in flight, {dollars(report.pending_nanos)} reserved, "
+        f"not counted (see `kimi-budget status`)."
+    )
+
+
+def describe_filters(report: Report) -> str:
+    parts = []
+    if report.since or report.until:
+        zone = ZoneInfo(report.tz)
+        since = report.since.astimezone(zone).isoformat(timespec="minutes") if report.since else ""
+        until = report.until.astimezone(zone).isoformat(timespec="minutes") if report.until else ""
+        parts.append(f"{since or 'start'} .. {until or 'now'}")
+    if report.model:
+        parts.append(f"model {report.model}")
+    if report.tags:
+        parts.append(" ".join(f"{k}={v}" for k, v in report.tags.items()))
+    return ", ".join(parts)
+
+
+def _one_line(text: str, limit: int) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
