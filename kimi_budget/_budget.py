@@ -32,7 +32,7 @@ class Budget:
     Budget(per_call='0.05', daily='5', monthly='100', tz='Asia/Shanghai')
     """
 
-    __slots__ = ("_caps", "_caps_nanos", "_scope", "_scope_key", "_tz", "_tz_name")
+    __slots__ = ("_caps", "_caps_nanos", "_scope", "_scope_key", "_tz", "_tz_name", "_windows")
 
     def __init__(
         self,
@@ -47,7 +47,12 @@ class Budget:
         scope: Mapping[str, str] | None = None,
     ) -> None:
         given = dict(
-            per_call=per_call, hourly=hourly, daily=daily, weekly=weekly, monthly=monthly, total=total
+            per_call=per_call,
+            hourly=hourly,
+            daily=daily,
+            weekly=weekly,
+            monthly=monthly,
+            total=total,
         )
         self._caps = {
             name: parse_usd(value, what=f"Budget {name}")
@@ -55,6 +60,8 @@ class Budget:
             if value is not None
         }
         self._caps_nanos = {name: usd_to_nanos_floor(cap) for name, cap in self._caps.items()}
+        # Read several times per guarded call: computed once (a Budget never changes).
+        self._windows = tuple(name for name in WINDOWS if name in self._caps)
         if not isinstance(tz, str) or not tz:
             raise ValueError(f"Budget tz must be an IANA time zone name such as 'UTC', not {tz!r}.")
         try:
@@ -80,7 +87,7 @@ class Budget:
     @property
     def windows(self) -> tuple[str, ...]:
         """The calendar windows this budget caps (``per_call`` is not a window)."""
-        return tuple(name for name in WINDOWS if name in self._caps)
+        return self._windows
 
     @property
     def tz(self) -> ZoneInfo:

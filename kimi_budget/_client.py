@@ -26,6 +26,7 @@ import openai
 from ._balance import Balance, parse_balance
 from ._budget import Budget, canonical_tags
 from ._config import resolve_settings
+from ._exceptions import BudgetExceededError
 from ._guard import (
     ACTIVE_CALL,
     Call,
@@ -37,7 +38,6 @@ from ._guard import (
     recount_exactly,
     request_body,
 )
-from ._exceptions import BudgetExceededError
 from ._ledger import Ledger
 from ._retry import explain_quota_error, log
 from ._streams import tee_async, tee_sync
@@ -108,23 +108,31 @@ class _Guarded:
     def _kb_secrets(self) -> tuple[str, ...]:
         return (self.api_key,) if isinstance(self.api_key, str) else ()
 
-    def _kb_copy_settings(self, overrides: dict[str, Any]) -> GuardSettings:
+    def _kb_copy_settings(self, overrides: Mapping[str, Any]) -> GuardSettings:
         settings = self._kb
         if overrides.get("ledger", _UNSET) is not _UNSET:
             ledger = overrides["ledger"]
-            settings = replace(settings, ledger=ledger if isinstance(ledger, Ledger) else Ledger(ledger))
+            settings = replace(
+                settings, ledger=ledger if isinstance(ledger, Ledger) else Ledger(ledger)
+            )
         if overrides.get("budget", _UNSET) is not _UNSET:
             budget = overrides["budget"]
-            budgets = () if budget is None else (budget,) if isinstance(budget, Budget) else tuple(budget)
+            budgets = (
+                () if budget is None else (budget,) if isinstance(budget, Budget) else tuple(budget)
+            )
             settings = replace(settings, budgets=budgets)
         if overrides.get("tags", _UNSET) is not _UNSET:
-            settings = replace(settings, tags={**settings.tags, **canonical_tags(overrides["tags"] or {})})
+            settings = replace(
+                settings, tags={**settings.tags, **canonical_tags(overrides["tags"] or {})}
+            )
         return settings
 
     def _kb_call(self, prepared: Prepared, options: Any, stream: bool) -> Call:
-        timeout = options.timeout if isinstance(options.timeout, int | float) or hasattr(
-            options.timeout, "read"
-        ) else getattr(self, "timeout", None)
+        timeout = (
+            options.timeout
+            if isinstance(options.timeout, int | float) or hasattr(options.timeout, "read")
+            else getattr(self, "timeout", None)
+        )
         return Call(
             self._kb,
             prepared,
@@ -156,7 +164,9 @@ class OpenAI(_Guarded, openai.OpenAI):
         self._kb = guard if guard is not None else resolve_settings(**given)
 
     def copy(self, **kwargs: Any) -> OpenAI:  # type: ignore[override]
-        overrides = {name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs}
+        overrides: dict[str, Any] = {
+            name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs
+        }
         extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
         return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[no-any-return]
 
@@ -188,7 +198,9 @@ class OpenAI(_Guarded, openai.OpenAI):
         call.succeeded(result)
         return result
 
-    def _kb_attempts(self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None) -> Any:
+    def _kb_attempts(
+        self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None
+    ) -> Any:
         retrying = self._kb.retry.retrying(max_retries, call.before_attempt if call else None)
         for attempt in retrying:
             with attempt:
@@ -251,7 +263,9 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         self._kb = guard if guard is not None else resolve_settings(**given)
 
     def copy(self, **kwargs: Any) -> AsyncOpenAI:  # type: ignore[override]
-        overrides = {name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs}
+        overrides: dict[str, Any] = {
+            name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs
+        }
         extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
         return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[no-any-return]
 
@@ -283,7 +297,9 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         call.succeeded(result)
         return result
 
-    async def _kb_attempts(self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None) -> Any:
+    async def _kb_attempts(
+        self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None
+    ) -> Any:
         retrying = self._kb.retry.async_retrying(max_retries, call.before_attempt if call else None)
         async for attempt in retrying:
             with attempt:
@@ -367,7 +383,7 @@ def _lookup(counts: dict[str, int]) -> Callable[[Mapping[str, Any]], int]:
 def _http_response_type() -> Any:
     import openai._base_client as base
 
-    return (getattr(base, "httpx2", None) or base.httpx).Response
+    return (getattr(base, "httpx2", None) or getattr(base, "httpx")).Response  # noqa: B009
 
 
 def _total_tokens(content: bytes) -> int:

@@ -10,6 +10,7 @@ the caller: the settlement goes to the fallback file instead.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import re
@@ -236,10 +237,9 @@ class Call:
             expires = self.settings.now() + timedelta(
                 seconds=self.timeout + self.settings.reservation_margin
             )
-            try:
+            # If this fails the reservation still holds until its first expiry.
+            with contextlib.suppress(LedgerError):
                 self.settings.ledger.extend(self.reservation.call_id, expires)
-            except LedgerError:
-                pass  # the reservation still holds until its first expiry
 
     def on_response(self, response: Any, streamed: bool) -> SseSniffer | BodySniffer | None:
         """Note one HTTP attempt's response; returns a sniffer for a streamed 2xx body."""
@@ -284,7 +284,9 @@ class Call:
             # A 2xx body arrived (so it was billed) but the SDK could not hand it over.
             usage, response_id, problem = _usage_of_body(self.body_response)
             self.request_id = self.request_id or response_id
-            self._finish_with_usage(usage, response_id, problem or _describe(exc), 0, status="error")
+            self._finish_with_usage(
+                usage, response_id, problem or _describe(exc), 0, status="error"
+            )
         elif isinstance(exc, openai.APIStatusError):
             reason = f"HTTP {exc.status_code} {error_type(exc) or ''}: {exc.message}"
             usage = _usage_in_error(exc)
@@ -299,14 +301,21 @@ class Call:
             status = "cancelled" if self.attempts == 0 else "error"
             self._settle(status, None, estimated=False, error=_describe(exc))
 
-    def stream_ended(self, sniffer: SseSniffer | BodySniffer, how: str, exc: BaseException | None = None) -> None:
+    def stream_ended(
+        self, sniffer: SseSniffer | BodySniffer, how: str, exc: BaseException | None = None
+    ) -> None:
         """A streamed body finished (``complete``), was closed early, failed, or was collected."""
         if isinstance(sniffer, BodySniffer):
-            usage, response_id, problem = sniffer.result() if how == "complete" else (None, None, None)
+            usage, response_id, problem = (
+                sniffer.result() if how == "complete" else (None, None, None)
+            )
             if how != "complete":
                 problem = "the response body was not read to the end"
             self._finish_with_usage(
-                usage, response_id, problem, output_floor=0,
+                usage,
+                response_id,
+                problem,
+                output_floor=0,
                 status="ok" if how == "complete" else "abandoned",
             )
             return
@@ -320,7 +329,10 @@ class Call:
         if how == "complete":
             status, note = "ok", "the stream ended without usage"
         elif how == "failed":
-            status, note = "error", f"the stream failed midway ({_describe(exc) if exc else 'unknown'})"
+            status, note = (
+                "error",
+                f"the stream failed midway ({_describe(exc) if exc else 'unknown'})",
+            )
         else:
             status, note = "abandoned", "the stream was closed before its usage arrived"
         if sniffer.undecodable:
@@ -385,7 +397,9 @@ class Call:
         price = self.prepared.price
         cost = 0
         if usage is not None:
-            cost = price.cost_nanos(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+            cost = price.cost_nanos(
+                usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens
+            )
         settlement = Settlement(
             reservation=self.reservation,
             status=status,

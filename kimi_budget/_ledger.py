@@ -375,7 +375,9 @@ class Ledger:
             for budget in applicable:
                 if not budget.windows:
                     continue  # a per_call-only budget keeps no totals (and has no scope row)
-                scope = next(s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name)
+                scope = next(
+                    s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name
+                )
                 totals = self._read_totals(conn, scope, budget.windows, instant)
                 caps = budget.caps_nanos
                 for window in budget.windows:
@@ -543,7 +545,12 @@ class Ledger:
             from zoneinfo import ZoneInfo
 
             scopes = [
-                _Scope(id=r[0], tags=json.loads(r[1]), tz=ZoneInfo(r[2]), windows=tuple(json.loads(r[3])))
+                _Scope(
+                    id=r[0],
+                    tags=json.loads(r[1]),
+                    tz=ZoneInfo(r[2]),
+                    windows=tuple(json.loads(r[3])),
+                )
                 for r in rows
             ]
             self._scope_cache = (rows, scopes)
@@ -760,7 +767,16 @@ class Ledger:
             for name, cap in budget.caps.items():
                 if name == "per_call":
                     result.append(
-                        WindowStatus(name, cap, Decimal(0), Decimal(0), None, None, budget.scope, budget.tz_name)
+                        WindowStatus(
+                            name,
+                            cap,
+                            Decimal(0),
+                            Decimal(0),
+                            None,
+                            None,
+                            budget.scope,
+                            budget.tz_name,
+                        )
                     )
                     continue
                 assert scope is not None

@@ -36,7 +36,7 @@ def m001_calls(conn: sqlite3.Connection) -> None:
             finished_at TEXT,
             model TEXT NOT NULL,
             tags TEXT NOT NULL DEFAULT '{}',   -- JSON object of strings
-            status TEXT NOT NULL,              -- pending ok error abandoned interrupted cancelled expired
+            status TEXT NOT NULL,  -- pending ok error abandoned interrupted cancelled expired
             stream INTEGER NOT NULL DEFAULT 0,
             prompt_tokens INTEGER,
             cached_tokens INTEGER,
@@ -85,7 +85,7 @@ def m001_calls(conn: sqlite3.Connection) -> None:
             projected_nanos / 1e9 AS projected_usd,
             estimated, attempts, request_id, latency_ms, error, note
         FROM calls;
-        """
+        """,
     )
 
 

@@ -188,7 +188,7 @@ def _parse_entry(
 
 
 def _price(value: Any, where: str, name: str, key: str) -> int:
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         # A TOML float has already lost exactness; ask for a string instead.
         raise PriceTableError(
             f'{where}: write the {key} price of {name!r} as a string such as "0.60", '
@@ -227,7 +227,9 @@ def _guess_tokenizer(model: str) -> str:
 
 def _line_of(lines: list[str], model: str, key: str | None) -> int:
     """The 1-based line of ``key`` in the table of ``model`` (or of the table header)."""
-    header = re.compile(r'^\s*\[\s*models\s*\.\s*(?:"' + re.escape(model) + r'"|' + re.escape(model) + r")\s*\]")
+    header = re.compile(
+        r'^\s*\[\s*models\s*\.\s*(?:"' + re.escape(model) + r'"|' + re.escape(model) + r")\s*\]"
+    )
     start = next((i for i, line in enumerate(lines) if header.match(line)), None)
     if start is None:
         return 1

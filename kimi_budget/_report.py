@@ -74,6 +74,11 @@ def dollars(nanos: int) -> str:
     return ("-$" if nanos < 0 else "$") + usd(abs(nanos))
 
 
+def dollars_usd(amount: Decimal) -> str:
+    """A Decimal USD amount as ``$`` text without exponent (``Decimal('1E+1')`` -> ``$10``)."""
+    return ("-$" if amount < 0 else "$") + format(abs(amount), "f")
+
+
 def per_million(nanos_per_token: int) -> str:
     """A per-token price as the pricing document writes it: USD per million, 2+ decimals."""
     value = Decimal(nanos_per_token) / 1000

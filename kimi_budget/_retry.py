@@ -89,7 +89,10 @@ def server_wait(exc: BaseException) -> float | None:
 
 def explain_quota_error(exc: BaseException) -> BaseException:
     """Say plainly, in the SDK's own exception class, that the account is out of credit."""
-    if not isinstance(exc, openai.APIStatusError) or error_type(exc) != "exceeded_current_quota_error":
+    if (
+        not isinstance(exc, openai.APIStatusError)
+        or error_type(exc) != "exceeded_current_quota_error"
+    ):
         return exc
     message = (
         f"Moonshot refused the call: the account is out of credit or suspended "
@@ -119,14 +122,14 @@ class RetryPolicy:
         asked = server_wait(exc) if exc is not None else None
         if asked is not None:
             # A little jitter after the stated time spreads a crowd of workers apart.
-            return min(asked + random.uniform(0, self.jitter), self.max_wait)
+            return float(min(asked + random.uniform(0, self.jitter), self.max_wait))
         backoff = min(self.initial_wait * 2 ** (attempt - 1), self.max_backoff)
-        return min(backoff * random.uniform(1 - self.jitter, 1.0), self.max_wait)
+        return float(min(backoff * random.uniform(1 - self.jitter, 1.0), self.max_wait))
 
     def _kwargs(self, max_retries: int, before: Callable[[int], None] | None) -> dict[str, Any]:
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
-            return self.wait(state.attempt_number, exc)
+            return float(self.wait(state.attempt_number, exc))
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None

@@ -25,7 +25,7 @@ def _httpx() -> Any:
     # openai >= 3 sends through httpx2, earlier releases through httpx.
     import openai._base_client as base
 
-    return getattr(base, "httpx2", None) or base.httpx
+    return getattr(base, "httpx2", None) or getattr(base, "httpx")  # noqa: B009
 
 
 _classes: dict[str, type] = {}
@@ -34,7 +34,7 @@ _classes: dict[str, type] = {}
 def _feed(sniffer: Sniffer, data: bytes) -> None:
     try:
         sniffer.feed(data)
-    except Exception:  # noqa: BLE001 - watching must never break the caller's stream
+    except Exception:
         sniffer.undecodable = True
 
 

@@ -727,13 +727,20 @@ def _compact_tools_json(tools: Sequence[object]) -> str:
 
 def _json_sorted(value: object) -> str:
     """K3's ``json_sorted`` macro: compact JSON, keys in Jinja ``dictsort`` (case-insensitive)."""
+    try:
+        return _json_sorted_inner(value)
+    except RecursionError:  # self-referencing or absurdly deep: not wire JSON anyway
+        return _to_text(value)
+
+
+def _json_sorted_inner(value: object) -> str:
     if isinstance(value, Mapping):
         items = sorted(value.items(), key=lambda kv: str(kv[0]).lower())
-        return "{" + ",".join(
-            json.dumps(str(k), ensure_ascii=False) + ":" + _json_sorted(v) for k, v in items
-        ) + "}"
+        dump = json.dumps
+        return "{" + ",".join(dump(str(k), ensure_ascii=False) + ":" + _json_sorted_inner(v)
+                              for k, v in items) + "}"
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_json_sorted(v) for v in value) + "]"
+        return "[" + ",".join(_json_sorted_inner(v) for v in value) + "]"
     if value is None or isinstance(value, (str, int, float, bool)):
         return json.dumps(value, ensure_ascii=False)
     return json.dumps(str(value), ensure_ascii=False)
@@ -1135,14 +1142,7 @@ def _k3_tool_calls(
         args = fn.get("arguments", {})
         if isinstance(args, Mapping):
             for key, value in args.items():
-                kind = (
-                    "boolean" if isinstance(value, bool)
-                    else "null" if value is None
-                    else "number" if isinstance(value, (int, float))
-                    else "string" if isinstance(value, str)
-                    else "object" if isinstance(value, Mapping)
-                    else "array"
-                )
+                kind = _xtml_type(value)
                 shown = value if isinstance(value, str) else _to_text(value)
                 n += (
                     _k3_tag(prof, f'argument key="{_attr(key)}" type="{kind}"')
@@ -1156,6 +1156,19 @@ def _k3_tool_calls(
             n += count(_to_text(args))
             exact = False
     return n, exact
+
+
+def _xtml_type(value: object) -> str:
+    """The K3 template's ``xtml_type`` macro."""
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "object" if isinstance(value, Mapping) else "array"
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import respx
 import kimi_budget as kb
 from kimi_budget.testing import MoonshotStandIn
 
-# openai >= 3 sends through httpx2 (mocked via pytest-httpx2's "httpcore2" mocker), 2.x through httpx.
+# openai >= 3 sends through httpx2 (pytest-httpx2 adds respx's "httpcore2" mocker), 2.x httpx.
 RESPX_USING = "httpcore2" if hasattr(openai_base, "httpx2") else "httpcore"
 MOCK_BASE_URL = "https://api.moonshot.test/v1"
 KEY = "sk-kimibudget-test-canary-0123456789abcdef"
@@ -23,7 +23,10 @@ KEY = "sk-kimibudget-test-canary-0123456789abcdef"
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test sees the developer's keys, ledger or config files."""
     for name in list(os.environ):
-        if name.startswith(("KIMI_BUDGET_", "MOONSHOT_")) or name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        if name.startswith(("KIMI_BUDGET_", "MOONSHOT_")) or name in (
+            "OPENAI_API_KEY",
+            "OPENAI_BASE_URL",
+        ):
             monkeypatch.delenv(name)
     home = tmp_path / "home"
     home.mkdir()

@@ -14,7 +14,8 @@ import kimi_budget as kb
 def test_exports_are_sorted_and_complete() -> None:
     assert kb.__all__ == sorted(kb.__all__)
     public = {
-        name for name, value in vars(kb).items()
+        name
+        for name, value in vars(kb).items()
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
     assert public - {"annotations"} == set(kb.__all__)
@@ -25,8 +26,11 @@ def test_exports_are_sorted_and_complete() -> None:
 def test_exception_tree() -> None:
     assert issubclass(kb.KimiBudgetError, openai.OpenAIError)
     for error in (
-        kb.BudgetExceededError, kb.ContextLengthExceededError, kb.UnknownModelError,
-        kb.LedgerError, kb.PriceTableError,
+        kb.BudgetExceededError,
+        kb.ContextLengthExceededError,
+        kb.UnknownModelError,
+        kb.LedgerError,
+        kb.PriceTableError,
     ):
         assert issubclass(error, kb.KimiBudgetError)
         assert not issubclass(error, openai.APIError)  # never retried, never mistaken for the API's
@@ -39,10 +43,16 @@ def test_clients_subclass_the_sdk() -> None:
 
 
 def test_budget_accepts_every_amount_type_exactly() -> None:
-    budget = kb.Budget(per_call="0.05", hourly=1, daily=0.1, weekly=Decimal("7.5"), monthly="100", total="1e3")
+    budget = kb.Budget(
+        per_call="0.05", hourly=1, daily=0.1, weekly=Decimal("7.5"), monthly="100", total="1e3"
+    )
     assert budget.caps == {
-        "per_call": Decimal("0.05"), "hourly": Decimal(1), "daily": Decimal("0.1"),
-        "weekly": Decimal("7.5"), "monthly": Decimal(100), "total": Decimal(1000),
+        "per_call": Decimal("0.05"),
+        "hourly": Decimal(1),
+        "daily": Decimal("0.1"),
+        "weekly": Decimal("7.5"),
+        "monthly": Decimal(100),
+        "total": Decimal(1000),
     }
     assert budget.caps_nanos["daily"] == 100_000_000  # 0.1 as written, not its binary neighbour
     assert budget.windows == ("hourly", "daily", "weekly", "monthly", "total")
@@ -75,8 +85,13 @@ def test_budget_scope_and_repr() -> None:
 
 def test_budget_error_carries_context() -> None:
     error = kb.BudgetExceededError(
-        window="daily", limit_usd=Decimal(5), spent_usd=Decimal("4.9"), reserved_usd=Decimal("0.05"),
-        projected_usd=Decimal("0.2"), model="kimi-k2.5", resets_at="2026-11-29T00:00:00+08:00",
+        window="daily",
+        limit_usd=Decimal(5),
+        spent_usd=Decimal("4.9"),
+        reserved_usd=Decimal("0.05"),
+        projected_usd=Decimal("0.2"),
+        model="kimi-k2.5",
+        resets_at="2026-11-29T00:00:00+08:00",
     )
     text = str(error)
     assert "$0.05 left" in text and "2026-11-29T00:00:00+08:00" in text and "kimi-k2.5" in text

@@ -28,7 +28,9 @@ def test_records_cost_with_top_level_cached_tokens(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router
 ) -> None:
     moonshot_mock.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion(prompt=19, completion_tokens=21, cached=10))
+        return_value=httpx.Response(
+            200, json=completion(prompt=19, completion_tokens=21, cached=10)
+        )
     )
     response = mocked_client.chat.completions.create(
         model="kimi-k2.5", messages=MESSAGES, max_tokens=100
@@ -40,7 +42,11 @@ def test_records_cost_with_top_level_cached_tokens(
     assert (row["prompt_tokens"], row["cached_tokens"], row["completion_tokens"]) == (19, 10, 21)
     assert row["status"] == "ok" and row["estimated"] == 0 and row["attempts"] == 1
     assert row["request_id"] == "chatcmpl-6911668985355ab7ab43bc2b"
-    assert (row["price_cache_hit"], row["price_cache_miss"], row["price_output"]) == (100, 600, 3000)
+    assert (row["price_cache_hit"], row["price_cache_miss"], row["price_output"]) == (
+        100,
+        600,
+        3000,
+    )
     assert mocked_client.ledger.spend() == Decimal("0.0000694")
 
 
@@ -90,7 +96,9 @@ def test_stream_usage_inside_final_choice(
     assert row["stream"] == 1
 
 
-def test_stream_usage_in_top_level_chunk(mocked_client: kb.OpenAI, moonshot_mock: respx.Router) -> None:
+def test_stream_usage_in_top_level_chunk(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router
+) -> None:
     usage = {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32, "cached_tokens": 20}
     moonshot_mock.post("/chat/completions").mock(
         return_value=sse_response(stream_chunks(["a", "b"], usage=usage, usage_in_choice=False))
@@ -148,7 +156,9 @@ def test_garbage_collected_stream_is_recorded(
     assert mocked_client.ledger.pending() == []
 
 
-def test_stream_without_usage_is_flagged(mocked_client: kb.OpenAI, moonshot_mock: respx.Router) -> None:
+def test_stream_without_usage_is_flagged(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router
+) -> None:
     moonshot_mock.post("/chat/completions").mock(
         return_value=sse_response(stream_chunks(["a", "b", "c"], usage=None))
     )
@@ -168,7 +178,8 @@ def test_raw_and_streaming_responses_are_recorded(
 ) -> None:
     moonshot_mock.post("/chat/completions").mock(
         return_value=httpx.Response(
-            200, json=completion(prompt=40, completion_tokens=2, cached=0),
+            200,
+            json=completion(prompt=40, completion_tokens=2, cached=0),
             headers={"msh-request-id": "req-1"},
         )
     )
@@ -216,7 +227,13 @@ def test_other_endpoints_pass_through_unrecorded(
 ) -> None:
     moonshot_mock.get("/models").mock(
         return_value=httpx.Response(
-            200, json={"object": "list", "data": [{"id": "kimi-k2.5", "object": "model", "created": 1, "owned_by": "moonshot"}]}
+            200,
+            json={
+                "object": "list",
+                "data": [
+                    {"id": "kimi-k2.5", "object": "model", "created": 1, "owned_by": "moonshot"}
+                ],
+            },
         )
     )
     assert [m.id for m in mocked_client.models.list().data] == ["kimi-k2.5"]
@@ -238,7 +255,9 @@ def test_unknown_model_is_refused_before_sending(
 
 def test_added_model_is_priced(moonshot_mock: respx.Router, ledger_path: Path) -> None:
     moonshot_mock.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion(prompt=100, completion_tokens=10, cached=50))
+        return_value=httpx.Response(
+            200, json=completion(prompt=100, completion_tokens=10, cached=50)
+        )
     )
     client = kb.OpenAI(
         api_key=KEY,
@@ -246,8 +265,11 @@ def test_added_model_is_priced(moonshot_mock: respx.Router, ledger_path: Path) -
         ledger=ledger_path,
         prices={
             "kimi-k2.6": {
-                "cache_hit": "0.16", "cache_miss": "0.95", "output": "4.00",
-                "context_window": 262144, "default_max_tokens": 32768,
+                "cache_hit": "0.16",
+                "cache_miss": "0.95",
+                "output": "4.00",
+                "context_window": 262144,
+                "default_max_tokens": 32768,
             }
         },
     )
@@ -265,7 +287,9 @@ def test_context_window_is_checked_before_sending(
         )
     error_ = info.value
     assert (error_.model, error_.max_tokens, error_.context_window) == (
-        "kimi-k2-0711-preview", 131_072, 131_072,
+        "kimi-k2-0711-preview",
+        131_072,
+        131_072,
     )
     assert error_.prompt_tokens > 0 and error_.exact
     assert route.call_count == 0
@@ -277,10 +301,15 @@ def test_approximate_count_is_confirmed_before_refusing(
     # moonshot-v1's tokenizer is not public: the local count is approximate, so a request
     # it says does not fit is checked with Moonshot's free count before being refused.
     estimate = moonshot_mock.post("/tokenizers/estimate-token-count").mock(
-        return_value=httpx.Response(200, json={"code": 0, "data": {"total_tokens": 12}, "scode": "0x0", "status": True})
+        return_value=httpx.Response(
+            200, json={"code": 0, "data": {"total_tokens": 12}, "scode": "0x0", "status": True}
+        )
     )
     chat = moonshot_mock.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion(prompt=12, completion_tokens=1, cached=None, model="moonshot-v1-8k"))
+        return_value=httpx.Response(
+            200,
+            json=completion(prompt=12, completion_tokens=1, cached=None, model="moonshot-v1-8k"),
+        )
     )
     local = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=mocked_client.ledger)
     from kimi_budget._tokens import count_request_tokens
@@ -289,23 +318,31 @@ def test_approximate_count_is_confirmed_before_refusing(
     approx = count_request_tokens(body, "approximate").tokens
     fits_exactly = 8192 - 12  # fits by the server's count...
     assert approx + fits_exactly > 8192  # ...but not by the approximation
-    local.chat.completions.create(model="moonshot-v1-8k", messages=MESSAGES, max_tokens=fits_exactly)
+    local.chat.completions.create(
+        model="moonshot-v1-8k", messages=MESSAGES, max_tokens=fits_exactly
+    )
     assert estimate.call_count == 1 and chat.call_count == 1
     assert json.loads(estimate.calls[0].request.content)["messages"] == MESSAGES
 
     estimate.mock(return_value=httpx.Response(200, json={"data": {"total_tokens": 13}}))
     with pytest.raises(kb.ContextLengthExceededError) as info:
-        local.chat.completions.create(model="moonshot-v1-8k", messages=MESSAGES, max_tokens=fits_exactly)
+        local.chat.completions.create(
+            model="moonshot-v1-8k", messages=MESSAGES, max_tokens=fits_exactly
+        )
     assert info.value.exact and info.value.prompt_tokens == 13
     assert chat.call_count == 1
 
 
 def test_budget_refuses_before_sending(moonshot_mock: respx.Router, ledger_path: Path) -> None:
     route = moonshot_mock.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion(prompt=19, completion_tokens=3000, cached=0))
+        return_value=httpx.Response(
+            200, json=completion(prompt=19, completion_tokens=3000, cached=0)
+        )
     )
     client = kb.OpenAI(
-        api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path,
+        api_key=KEY,
+        base_url=MOCK_BASE_URL,
+        ledger=ledger_path,
         budget=kb.Budget(per_call="0.01", daily="0.02"),
     )
     with pytest.raises(kb.BudgetExceededError) as info:
@@ -332,8 +369,12 @@ def test_budget_refuses_before_sending(moonshot_mock: respx.Router, ledger_path:
 def test_projection_counts_every_choice_and_the_default_output(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router
 ) -> None:
-    moonshot_mock.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion()))
-    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, n=3, max_completion_tokens=7)
+    moonshot_mock.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion())
+    )
+    mocked_client.chat.completions.create(
+        model="kimi-k2.5", messages=MESSAGES, n=3, max_completion_tokens=7
+    )
     mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES)
     first, second = rows(mocked_client)
     assert first["projected_nanos"] == first["prompt_estimate"] * 600 + 7 * 3 * 3000
@@ -343,9 +384,17 @@ def test_projection_counts_every_choice_and_the_default_output(
 def test_with_options_and_copy_keep_ledger_budget_and_tags(
     moonshot_mock: respx.Router, ledger_path: Path
 ) -> None:
-    moonshot_mock.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion()))
+    moonshot_mock.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion())
+    )
     budget = kb.Budget(daily="1")
-    client = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, budget=budget, tags={"project": "crawler"})
+    client = kb.OpenAI(
+        api_key=KEY,
+        base_url=MOCK_BASE_URL,
+        ledger=ledger_path,
+        budget=budget,
+        tags={"project": "crawler"},
+    )
     copied = client.copy(timeout=5)
     tagged = client.with_options(max_retries=0, tags={"job": "nightly"})
     assert isinstance(copied, kb.OpenAI) and isinstance(tagged, kb.OpenAI)
@@ -361,12 +410,24 @@ def test_with_options_and_copy_keep_ledger_budget_and_tags(
 def test_client_accepts_every_parent_argument(ledger_path: Path) -> None:
     http_client = openai.DefaultHttpxClient()
     client = kb.OpenAI(
-        api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, organization="org", project="p",
-        timeout=12.5, max_retries=4, default_headers={"x-a": "1"}, default_query={"q": "1"},
+        api_key=KEY,
+        base_url=MOCK_BASE_URL,
+        ledger=ledger_path,
+        organization="org",
+        project="p",
+        timeout=12.5,
+        max_retries=4,
+        default_headers={"x-a": "1"},
+        default_query={"q": "1"},
         http_client=http_client,
     )
     assert isinstance(client, openai.OpenAI)
-    assert (client.organization, client.project, client.timeout, client.max_retries) == ("org", "p", 12.5, 4)
+    assert (client.organization, client.project, client.timeout, client.max_retries) == (
+        "org",
+        "p",
+        12.5,
+        4,
+    )
     assert client.default_headers["x-a"] == "1"
 
 
@@ -387,14 +448,18 @@ def test_defaults_come_from_moonshot_environment(
 
 
 def test_custom_token_counter_is_used(moonshot_mock: respx.Router, ledger_path: Path) -> None:
-    moonshot_mock.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion()))
+    moonshot_mock.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion())
+    )
     seen: list[dict[str, Any]] = []
 
     def counter(body: Any) -> int:
         seen.append(body)
         return 5000
 
-    client = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, token_counter=counter)
+    client = kb.OpenAI(
+        api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, token_counter=counter
+    )
     client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=1)
     assert seen[0]["messages"] == MESSAGES
     assert rows(client)[0]["prompt_estimate"] == 5000
@@ -402,16 +467,25 @@ def test_custom_token_counter_is_used(moonshot_mock: respx.Router, ledger_path: 
 
 def test_balance(mocked_client: kb.OpenAI, moonshot_mock: respx.Router) -> None:
     moonshot_mock.get("/users/me/balance").mock(
-        return_value=httpx.Response(200, content=b'{"code":0,"data":{"available_balance":49.58894,"voucher_balance":46.58893,"cash_balance":3.00001},"scode":"0x0","status":true}')
+        return_value=httpx.Response(
+            200,
+            content=b'{"code":0,"data":{"available_balance":49.58894,"voucher_balance":46.58893,"cash_balance":3.00001},"scode":"0x0","status":true}',
+        )
     )
     balance = mocked_client.balance()
-    assert balance == kb.Balance(Decimal("49.58894"), Decimal("46.58893"), Decimal("3.00001"), "USD")
+    assert balance == kb.Balance(
+        Decimal("49.58894"), Decimal("46.58893"), Decimal("3.00001"), "USD"
+    )
 
 
 async def _async_calls(ledger_path: Path) -> kb.AsyncOpenAI:
-    client = kb.AsyncOpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, budget=kb.Budget(daily="1"))
+    client = kb.AsyncOpenAI(
+        api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, budget=kb.Budget(daily="1")
+    )
     await client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=10)
-    stream = await client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=10, stream=True)
+    stream = await client.chat.completions.create(
+        model="kimi-k2.5", messages=MESSAGES, max_tokens=10, stream=True
+    )
     async for _ in stream:
         pass
     copied = client.with_options(tags={"a": "b"})
@@ -419,7 +493,9 @@ async def _async_calls(ledger_path: Path) -> kb.AsyncOpenAI:
     return client
 
 
-def test_async_client_records_calls_and_streams(moonshot_mock: respx.Router, ledger_path: Path) -> None:
+def test_async_client_records_calls_and_streams(
+    moonshot_mock: respx.Router, ledger_path: Path
+) -> None:
     import asyncio
 
     usage = {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
@@ -431,7 +507,10 @@ def test_async_client_records_calls_and_streams(moonshot_mock: respx.Router, led
     )
     client = asyncio.run(_async_calls(ledger_path))
     recorded = list(reversed(client.ledger.calls(10)))
-    assert [(r["completion_tokens"], r["stream"], r["estimated"]) for r in recorded] == [(3, 0, 0), (2, 1, 0)]
+    assert [(r["completion_tokens"], r["stream"], r["estimated"]) for r in recorded] == [
+        (3, 0, 0),
+        (2, 1, 0),
+    ]
     assert client.ledger.pending() == []
 
 
@@ -439,7 +518,11 @@ def test_error_response_is_recorded_at_zero_cost(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router
 ) -> None:
     moonshot_mock.post("/chat/completions").mock(
-        return_value=error(400, "invalid_request_error", "Invalid request: Your request exceeded model token limit: 262144")
+        return_value=error(
+            400,
+            "invalid_request_error",
+            "Invalid request: Your request exceeded model token limit: 262144",
+        )
     )
     with pytest.raises(openai.BadRequestError):
         mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=10)

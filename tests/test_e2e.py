@@ -37,7 +37,9 @@ def billed_nanos(server: MoonshotStandIn, client: kb.OpenAI) -> int:
     return total
 
 
-def test_cache_hits_are_priced_at_the_hit_price(client: kb.OpenAI, standin: MoonshotStandIn) -> None:
+def test_cache_hits_are_priced_at_the_hit_price(
+    client: kb.OpenAI, standin: MoonshotStandIn
+) -> None:
     messages = [{"role": "system", "content": LONG_PREFIX}, {"role": "user", "content": "First?"}]
     client.chat.completions.create(model="kimi-k2.5", messages=messages, max_tokens=60)
     messages[-1] = {"role": "user", "content": "Second?"}
@@ -48,7 +50,9 @@ def test_cache_hits_are_priced_at_the_hit_price(client: kb.OpenAI, standin: Moon
     rows = list(reversed(client.ledger.calls(10)))
     assert [r["cached_tokens"] for r in rows] == [0, cached]
     assert rows[1]["cost_nanos"] == (
-        (second.usage.prompt_tokens - cached) * 600 + cached * 100 + second.usage.completion_tokens * 3000
+        (second.usage.prompt_tokens - cached) * 600
+        + cached * 100
+        + second.usage.completion_tokens * 3000
     )
     assert client.ledger.spend() == to_usd(billed_nanos(standin, client))
     # The local K2 count is exact: what we reserved for the prompt is what was billed.
@@ -57,7 +61,10 @@ def test_cache_hits_are_priced_at_the_hit_price(client: kb.OpenAI, standin: Moon
 
 def test_stream_usage_in_the_final_choice(client: kb.OpenAI, standin: MoonshotStandIn) -> None:
     stream = client.chat.completions.create(
-        model="kimi-k2.5", messages=[{"role": "user", "content": "Stream please"}], max_tokens=40, stream=True
+        model="kimi-k2.5",
+        messages=[{"role": "user", "content": "Stream please"}],
+        max_tokens=40,
+        stream=True,
     )
     chunks = list(stream)
     final = chunks[-1]
@@ -72,10 +79,14 @@ def test_server_400_for_too_long_a_request_is_recorded_at_zero(
     standin: MoonshotStandIn, ledger_path: Path
 ) -> None:
     # A user-supplied counter that undercounts lets the request through; Moonshot refuses it.
-    client = kb.OpenAI(api_key=KEY, base_url=standin.base_url, ledger=ledger_path, token_counter=lambda body: 1)
+    client = kb.OpenAI(
+        api_key=KEY, base_url=standin.base_url, ledger=ledger_path, token_counter=lambda body: 1
+    )
     with pytest.raises(openai.BadRequestError, match="exceeded model token limit: 8192"):
         client.chat.completions.create(
-            model="moonshot-v1-8k", messages=[{"role": "user", "content": "hi " * 50}], max_tokens=8190
+            model="moonshot-v1-8k",
+            messages=[{"role": "user", "content": "hi " * 50}],
+            max_tokens=8190,
         )
     [row] = client.ledger.calls(1)
     assert row["status"] == "error" and row["cost_nanos"] == 0 and row["attempts"] == 1
@@ -87,7 +98,9 @@ def v1_server() -> Any:
     """A server whose moonshot-v1 counts are lower than our conservative approximation."""
     from kimi_budget._tokens import count_request_tokens
 
-    with MoonshotStandIn(api_key=KEY, count_tokens=lambda body: count_request_tokens(body, "kimi_k2").tokens) as server:
+    with MoonshotStandIn(
+        api_key=KEY, count_tokens=lambda body: count_request_tokens(body, "kimi_k2").tokens
+    ) as server:
         yield server
 
 
@@ -100,25 +113,36 @@ def test_estimate_endpoint_confirms_an_approximate_refusal(
     client = kb.OpenAI(api_key=KEY, base_url=standin.base_url, ledger=ledger_path)
     messages = [{"role": "user", "content": "Please summarise the quarterly report. " * 20}]
     exact = client._kb_exact_count({"model": "moonshot-v1-8k", "messages": messages})
-    approximate = count_request_tokens({"model": "moonshot-v1-8k", "messages": messages}, "approximate")
+    approximate = count_request_tokens(
+        {"model": "moonshot-v1-8k", "messages": messages}, "approximate"
+    )
     assert not approximate.exact and approximate.tokens > exact
     before = len(standin.requests)
-    client.chat.completions.create(model="moonshot-v1-8k", messages=messages, max_tokens=8192 - exact)
+    client.chat.completions.create(
+        model="moonshot-v1-8k", messages=messages, max_tokens=8192 - exact
+    )
     paths = [r.path for r in standin.requests[before:]]
     assert paths == ["/v1/tokenizers/estimate-token-count", "/v1/chat/completions"]
     with pytest.raises(kb.ContextLengthExceededError) as info:
-        client.chat.completions.create(model="moonshot-v1-8k", messages=messages, max_tokens=8192 - exact + 1)
+        client.chat.completions.create(
+            model="moonshot-v1-8k", messages=messages, max_tokens=8192 - exact + 1
+        )
     assert info.value.exact and info.value.prompt_tokens == exact
     assert [r.path for r in standin.requests[before:]][-1] == "/v1/tokenizers/estimate-token-count"
 
 
 def test_exact_tokens_always_asks_the_endpoint(standin: MoonshotStandIn, ledger_path: Path) -> None:
-    client = kb.OpenAI(api_key=KEY, base_url=standin.base_url, ledger=ledger_path, exact_tokens="always")
-    client.chat.completions.create(model="moonshot-v1-32k", messages=[{"role": "user", "content": "你好世界"}], max_tokens=5)
+    client = kb.OpenAI(
+        api_key=KEY, base_url=standin.base_url, ledger=ledger_path, exact_tokens="always"
+    )
+    client.chat.completions.create(
+        model="moonshot-v1-32k", messages=[{"role": "user", "content": "你好世界"}], max_tokens=5
+    )
     [row] = client.ledger.calls(1)
     assert row["prompt_estimate"] == row["prompt_tokens"]
     assert [r.path for r in standin.requests][:2] == [
-        "/v1/tokenizers/estimate-token-count", "/v1/chat/completions",
+        "/v1/tokenizers/estimate-token-count",
+        "/v1/chat/completions",
     ]
 
 
@@ -128,12 +152,16 @@ def test_async_client_under_one_cap(standin: MoonshotStandIn, ledger_path: Path)
     cap = Decimal("0.003")
 
     async def main() -> tuple[int, int]:
-        client = kb.AsyncOpenAI(api_key=KEY, base_url=standin.base_url, ledger=ledger_path, budget=kb.Budget(total=cap))
+        client = kb.AsyncOpenAI(
+            api_key=KEY, base_url=standin.base_url, ledger=ledger_path, budget=kb.Budget(total=cap)
+        )
 
         async def one(i: int) -> bool:
             try:
                 await client.chat.completions.create(
-                    model="kimi-k2.5", messages=[{"role": "user", "content": f"call {i}"}], max_tokens=200
+                    model="kimi-k2.5",
+                    messages=[{"role": "user", "content": f"call {i}"}],
+                    max_tokens=200,
                 )
                 return True
             except kb.BudgetExceededError:
@@ -154,14 +182,14 @@ WORKER = textwrap.dedent(
     import json, sys
     import kimi_budget as kb
     base_url, ledger, key, worker = sys.argv[1:5]
-    client = kb.OpenAI(api_key=key, base_url=base_url, ledger=ledger, budget=kb.Budget(daily="0.004"),
-                       tags={"worker": worker})
+    client = kb.OpenAI(api_key=key, base_url=base_url, ledger=ledger,
+                       budget=kb.Budget(daily="0.004"), tags={"worker": worker})
     results = []
     for i in range(10):
         try:
             client.chat.completions.create(
-                model="kimi-k2.5", messages=[{"role": "user", "content": f"worker {worker} call {i}"}],
-                max_tokens=200)
+                model="kimi-k2.5", max_tokens=200,
+                messages=[{"role": "user", "content": f"worker {worker} call {i}"}])
             results.append({"ok": True})
         except kb.BudgetExceededError as e:
             results.append({"ok": False, "spent": str(e.spent_usd), "reserved": str(e.reserved_usd),
@@ -176,7 +204,9 @@ def test_four_processes_share_one_daily_cap(standin: MoonshotStandIn, ledger_pat
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, standin.base_url, str(ledger_path), KEY, str(n)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for n in range(4)
     ]
@@ -194,11 +224,15 @@ def test_four_processes_share_one_daily_cap(standin: MoonshotStandIn, ledger_pat
     assert ledger.spend() <= cap
     # Every sent call is one ledger row, and the ledger matches what the server billed.
     assert len(sent) == len(standin.chat_requests) == len(ledger.calls(100))
-    assert ledger.spend() == to_usd(billed_nanos(standin, kb.OpenAI(api_key=KEY, base_url=standin.base_url, ledger=ledger)))
+    assert ledger.spend() == to_usd(
+        billed_nanos(standin, kb.OpenAI(api_key=KEY, base_url=standin.base_url, ledger=ledger))
+    )
     assert ledger.pending() == []
     # No needless refusals: each one really lacked headroom when it was made.
     assert refused, "the cap was meant to be reached"
     for r in refused:
-        assert Decimal(r["spent"]) + Decimal(r["reserved"]) + Decimal(r["projected"]) > Decimal(r["limit"])
+        assert Decimal(r["spent"]) + Decimal(r["reserved"]) + Decimal(r["projected"]) > Decimal(
+            r["limit"]
+        )
     # Refusals come once the cap is mostly used (in-flight reservations hold the rest).
     assert min(Decimal(r["spent"]) + Decimal(r["reserved"]) for r in refused) > cap / 2

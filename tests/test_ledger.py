@@ -18,9 +18,17 @@ from kimi_budget._migrations import APPLICATION_ID, MIGRATIONS
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 
 
-def reservation(call_id: str, *, tags: dict[str, str] | None = None, projected: int = 1000,
-                at: datetime = NOW, model: str = "kimi-k2.5") -> Reservation:
-    return Reservation(call_id, model, tags or {}, at, at + timedelta(minutes=5), projected, 10, 100, 600, 3000)
+def reservation(
+    call_id: str,
+    *,
+    tags: dict[str, str] | None = None,
+    projected: int = 1000,
+    at: datetime = NOW,
+    model: str = "kimi-k2.5",
+) -> Reservation:
+    return Reservation(
+        call_id, model, tags or {}, at, at + timedelta(minutes=5), projected, 10, 100, 600, 3000
+    )
 
 
 def settle(ledger: kb.Ledger, res: Reservation, cost: int, status: str = "ok") -> None:
@@ -31,7 +39,9 @@ def test_new_ledger_is_private_migrated_and_marked(ledger_path: Path) -> None:
     ledger = kb.Ledger(ledger_path)
     assert oct(ledger_path.stat().st_mode & 0o777) == "0o600"
     db = sqlite_utils.Database(ledger_path)
-    assert {"calls", "budget_scopes", "window_totals", "_kimi_budget_migrations"} <= set(db.table_names())
+    assert {"calls", "budget_scopes", "window_totals", "_kimi_budget_migrations"} <= set(
+        db.table_names()
+    )
     assert "calls_usd" in db.view_names()
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
@@ -39,7 +49,9 @@ def test_new_ledger_is_private_migrated_and_marked(ledger_path: Path) -> None:
     assert applied == [name for name, _ in MIGRATIONS]
     ledger.close()
     kb.Ledger(ledger_path)  # reopening applies nothing twice
-    assert db.execute("SELECT count(*) FROM _kimi_budget_migrations").fetchone()[0] == len(MIGRATIONS)
+    assert db.execute("SELECT count(*) FROM _kimi_budget_migrations").fetchone()[0] == len(
+        MIGRATIONS
+    )
 
 
 def test_ledger_directory_is_created(tmp_path: Path) -> None:
@@ -103,7 +115,9 @@ def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
 def test_spend_filters_by_time_model_and_tags(ledger_path: Path) -> None:
     ledger = kb.Ledger(ledger_path)
     a = reservation("a", tags={"project": "crawler", "env": "prod"})
-    b = reservation("b", tags={"project": "other"}, at=NOW + timedelta(days=1), model="moonshot-v1-8k")
+    b = reservation(
+        "b", tags={"project": "other"}, at=NOW + timedelta(days=1), model="moonshot-v1-8k"
+    )
     c = reservation("c", tags={"project": "crawler"}, at=NOW + timedelta(days=2))
     pending = reservation("p", tags={"project": "crawler"})
     for res, cost in ((a, 1000), (b, 20_000), (c, 300)):
@@ -115,7 +129,9 @@ def test_spend_filters_by_time_model_and_tags(ledger_path: Path) -> None:
     assert ledger.spend(tags={"project": "crawler", "env": "prod"}) == Decimal("0.000001")
     assert ledger.spend(model="moonshot-v1-8k") == Decimal("0.00002")
     assert ledger.spend(since="2026-11-29") == Decimal("0.0000203")
-    assert ledger.spend(since=NOW + timedelta(days=1), until="2026-11-30T00:00:00Z") == Decimal("0.00002")
+    assert ledger.spend(since=NOW + timedelta(days=1), until="2026-11-30T00:00:00Z") == Decimal(
+        "0.00002"
+    )
     assert ledger.spend(tags={"project": "x' OR 1=1 --"}) == 0
     with pytest.raises(ValueError, match="not a date"):
         ledger.spend(since="yesterday-ish")

@@ -43,7 +43,9 @@ def test_builtin_table_is_the_document() -> None:
     for model, (hit, miss, output, window) in DOCUMENT.items():
         price = table.get(model)
         assert price.per_million_usd() == {
-            "cache_hit": Decimal(hit), "cache_miss": Decimal(miss), "output": Decimal(output)
+            "cache_hit": Decimal(hit),
+            "cache_miss": Decimal(miss),
+            "output": Decimal(output),
         }
         assert price.context_window == window and price.source == BUILTIN_SOURCE
 
@@ -53,7 +55,8 @@ def test_hand_copy_matches_the_pricing_document() -> None:
     text = SEED.read_text("utf-8")
     for model, (hit, miss, output, window) in DOCUMENT.items():
         line = next(
-            line for line in text.splitlines()
+            line
+            for line in text.splitlines()
             if re.match(rf"\|?\s*{re.escape(model)}(Recommended)?\s*\|", line)
         )
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -86,14 +89,18 @@ def test_past_rows_keep_the_prices_they_were_charged(
     moonshot_mock: respx.Router, ledger_path: Path
 ) -> None:
     moonshot_mock.post("/chat/completions").mock(
-        return_value=httpx.Response(200, json=completion(prompt=100, cached=0, completion_tokens=10))
+        return_value=httpx.Response(
+            200, json=completion(prompt=100, cached=0, completion_tokens=10)
+        )
     )
     messages = [{"role": "user", "content": "hi"}]
     old = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
     old.chat.completions.create(model="kimi-k2.5", messages=messages, max_tokens=20)
     before = old.ledger.spend()
     new = kb.OpenAI(
-        api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path,
+        api_key=KEY,
+        base_url=MOCK_BASE_URL,
+        ledger=ledger_path,
         prices={"kimi-k2.5": {"cache_miss": "1.20", "output": "6.00"}},
     )
     new.chat.completions.create(model="kimi-k2.5", messages=messages, max_tokens=20)
@@ -127,7 +134,9 @@ def test_price_file_adds_and_overrides_models(tmp_path: Path) -> None:
         (3, '"0.0001"', "whole number of nano-dollars"),
     ],
 )
-def test_bad_price_file_names_path_and_line(tmp_path: Path, line: int, value: str, message: str) -> None:
+def test_bad_price_file_names_path_and_line(
+    tmp_path: Path, line: int, value: str, message: str
+) -> None:
     lines = [
         "# my prices",
         '[models."kimi-k2.6"]',
@@ -148,7 +157,10 @@ def test_bad_price_file_names_path_and_line(tmp_path: Path, line: int, value: st
 
 def test_unknown_price_file_key_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
-    path.write_text('[models."x"]\ncache_hit = "1"\ncache_miss = "1"\noutput = "1"\ncontext_window = 8\nspeed = 3\n')
+    path.write_text(
+        '[models."x"]\ncache_hit = "1"\ncache_miss = "1"\noutput = "1"\n'
+        "context_window = 8\nspeed = 3\n"
+    )
     with pytest.raises(kb.PriceTableError, match=rf"{path}:6: unknown key 'speed'"):
         PriceTable.load(prices_file=path)
     with pytest.raises(kb.PriceTableError, match="Cannot read price file"):
@@ -167,8 +179,12 @@ def test_integer_cost_equals_decimal_formula(
     prompt: int, cached: int, out: int, hit: int, miss: int, output: int
 ) -> None:
     nanos = call_cost_nanos(
-        prompt_tokens=prompt, cached_tokens=cached, completion_tokens=out,
-        cache_hit=hit, cache_miss=miss, output=output,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        completion_tokens=out,
+        cache_hit=hit,
+        cache_miss=miss,
+        output=output,
     )
     c = min(max(cached, 0), prompt)
     # The same formula in USD per million tokens, as the document writes prices.

@@ -21,7 +21,7 @@ import respx
 import kimi_budget as kb
 from kimi_budget import _retry
 from tests.conftest import KEY, MOCK_BASE_URL
-from tests.helpers import completion, error, sse_response, stream_chunks
+from tests.helpers import completion, error, stream_chunks
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 RATE_LIMITED = (
@@ -59,7 +59,11 @@ def test_rate_limit_twice_then_success(
     )
     mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=50)
     assert route.call_count == 3
-    assert [call.request.headers["x-stainless-retry-count"] for call in route.calls] == ["0", "1", "2"]
+    assert [call.request.headers["x-stainless-retry-count"] for call in route.calls] == [
+        "0",
+        "1",
+        "2",
+    ]
     assert len(waits) == 2 and all(7 <= w <= 7.25 for w in waits)  # from the message
     [row] = rows(mocked_client)
     assert row["attempts"] == 3 and row["status"] == "ok"
@@ -107,11 +111,19 @@ def test_server_errors_are_retried(
 
 @pytest.mark.parametrize(
     ("status", "kind"),
-    [(400, "invalid_request_error"), (400, "content_filter"), (401, "invalid_authentication_error"),
-     (404, "resource_not_found_error")],
+    [
+        (400, "invalid_request_error"),
+        (400, "content_filter"),
+        (401, "invalid_authentication_error"),
+        (404, "resource_not_found_error"),
+    ],
 )
 def test_client_errors_are_not_retried(
-    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float], status: int, kind: str
+    mocked_client: kb.OpenAI,
+    moonshot_mock: respx.Router,
+    waits: list[float],
+    status: int,
+    kind: str,
 ) -> None:
     route = moonshot_mock.post("/chat/completions").mock(return_value=error(status, kind, "no"))
     with pytest.raises(openai.APIStatusError):
@@ -122,7 +134,9 @@ def test_client_errors_are_not_retried(
 def test_max_retries_zero_means_one_request(
     moonshot_mock: respx.Router, ledger_path: Path, waits: list[float]
 ) -> None:
-    route = moonshot_mock.post("/chat/completions").mock(return_value=error(500, "server_error", "x"))
+    route = moonshot_mock.post("/chat/completions").mock(
+        return_value=error(500, "server_error", "x")
+    )
     client = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path, max_retries=0)
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
@@ -163,7 +177,11 @@ def test_retry_after_headers_are_honoured_and_capped(
     assert 1.5 <= waits[0] <= 1.75 and 3 <= waits[1] <= 3.25
     policy = _retry.RetryPolicy(max_wait=10)
     huge = openai.RateLimitError(
-        "x", response=httpx.Response(429, headers={"retry-after": "3600"}, request=httpx.Request("POST", MOCK_BASE_URL)), body=None
+        "x",
+        response=httpx.Response(
+            429, headers={"retry-after": "3600"}, request=httpx.Request("POST", MOCK_BASE_URL)
+        ),
+        body=None,
     )
     assert policy.wait(1, huge) == 10
 
@@ -172,7 +190,11 @@ def test_connection_errors_are_retried_and_recorded(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
 ) -> None:
     route = moonshot_mock.post("/chat/completions").mock(
-        side_effect=[httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), httpx.ConnectError("refused")]
+        side_effect=[
+            httpx.ConnectError("refused"),
+            httpx.ReadTimeout("slow"),
+            httpx.ConnectError("refused"),
+        ]
     )
     with pytest.raises(openai.APIConnectionError):
         mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
@@ -193,7 +215,9 @@ def test_stream_failing_midway_is_recorded_not_retried(
         raise httpx.ReadError("connection reset by peer")
 
     route = moonshot_mock.post("/chat/completions").mock(
-        return_value=httpx.Response(200, content=torn(), headers={"content-type": "text/event-stream"})
+        return_value=httpx.Response(
+            200, content=torn(), headers={"content-type": "text/event-stream"}
+        )
     )
     stream = mocked_client.chat.completions.create(
         model="kimi-k2.5", messages=MESSAGES, max_tokens=50, stream=True
@@ -248,9 +272,14 @@ def test_asyncio_cancellation_settles(moonshot_mock: respx.Router, ledger_path: 
     assert row["status"] == "interrupted" and client.ledger.pending() == []
 
 
-def test_async_rate_limit_retry(moonshot_mock: respx.Router, ledger_path: Path, waits: list[float]) -> None:
+def test_async_rate_limit_retry(
+    moonshot_mock: respx.Router, ledger_path: Path, waits: list[float]
+) -> None:
     route = moonshot_mock.post("/chat/completions").mock(
-        side_effect=[error(429, "rate_limit_reached_error", RATE_LIMITED), httpx.Response(200, json=completion())]
+        side_effect=[
+            error(429, "rate_limit_reached_error", RATE_LIMITED),
+            httpx.Response(200, json=completion()),
+        ]
     )
 
     async def main() -> kb.AsyncOpenAI:
@@ -271,7 +300,9 @@ def test_settling_is_idempotent(ledger_path: Path) -> None:
     ledger = kb.Ledger(ledger_path)
     budget = kb.Budget(daily="1")
     now = datetime.now(timezone.utc)
-    res = Reservation("c1", "kimi-k2.5", {}, now, now + timedelta(minutes=1), 5000, 10, 100, 600, 3000)
+    res = Reservation(
+        "c1", "kimi-k2.5", {}, now, now + timedelta(minutes=1), 5000, 10, 100, 600, 3000
+    )
     ledger.reserve(res, [budget])
     assert ledger.status(budget)[0].reserved_usd == Decimal("0.000005")
     done = Settlement(res, "ok", 10, 0, 1, 9000, False, 1, now)
@@ -290,8 +321,8 @@ KILLED_CHILD = textwrap.dedent(
     from kimi_budget._ledger import Reservation
     ledger = kb.Ledger(sys.argv[1])
     now = datetime.now(timezone.utc)
-    res = Reservation("killed-call", "kimi-k2.5", {}, now, now + timedelta(seconds=float(sys.argv[2])),
-                      400_000, 100, 100, 600, 3000)
+    expires = now + timedelta(seconds=float(sys.argv[2]))
+    res = Reservation("killed-call", "kimi-k2.5", {}, now, expires, 400_000, 100, 100, 600, 3000)
     ledger.reserve(res, [kb.Budget(daily="0.0005")])
     print("reserved", flush=True)
     time.sleep(60)
@@ -305,7 +336,9 @@ def test_sigkilled_process_reservation_expires(ledger_path: Path) -> None:
     from kimi_budget._ledger import Reservation
 
     child = subprocess.Popen(
-        [sys.executable, "-c", KILLED_CHILD, str(ledger_path), "30"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", KILLED_CHILD, str(ledger_path), "30"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "reserved"
@@ -318,7 +351,9 @@ def test_sigkilled_process_reservation_expires(ledger_path: Path) -> None:
     ledger = kb.Ledger(ledger_path)
     [daily] = ledger.status(budget)
     assert daily.reserved_usd == Decimal("0.0004")  # still held: the expiry is 30 s away
-    res = Reservation("next", "kimi-k2.5", {}, now, now + timedelta(minutes=1), 200_000, 10, 100, 600, 3000)
+    res = Reservation(
+        "next", "kimi-k2.5", {}, now, now + timedelta(minutes=1), 200_000, 10, 100, 600, 3000
+    )
     with pytest.raises(kb.BudgetExceededError) as info:
         ledger.reserve(res, [budget])
     assert info.value.reserved_usd == Decimal("0.0004")
@@ -341,7 +376,9 @@ def test_unwritable_ledger_after_a_billed_call_keeps_the_response(
     import sqlite3
 
     ledger = kb.Ledger(ledger_path, busy_timeout=0.2)
-    client = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger, budget=kb.Budget(daily="1"))
+    client = kb.OpenAI(
+        api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger, budget=kb.Budget(daily="1")
+    )
     blocker = sqlite3.connect(ledger_path, isolation_level=None)
 
     def answer(request: httpx.Request) -> httpx.Response:
@@ -354,7 +391,9 @@ def test_unwritable_ledger_after_a_billed_call_keeps_the_response(
 
     moonshot_mock.post("/chat/completions").mock(side_effect=answer)
     with pytest.warns(RuntimeWarning, match="fallback"):
-        response = client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=50)
+        response = client.chat.completions.create(
+            model="kimi-k2.5", messages=MESSAGES, max_tokens=50
+        )
     assert response.choices[0].message.content == "Hello!"
     assert ledger.fallback_path.exists()
     assert oct(ledger.fallback_path.stat().st_mode & 0o777) == "0o600"
@@ -379,7 +418,9 @@ def test_unwritable_ledger_before_a_call_sends_nothing(
 ) -> None:
     import sqlite3
 
-    route = moonshot_mock.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion()))
+    route = moonshot_mock.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion())
+    )
     client = kb.OpenAI(
         api_key=KEY, base_url=MOCK_BASE_URL, ledger=kb.Ledger(ledger_path, busy_timeout=0.1)
     )
@@ -396,7 +437,9 @@ def test_unwritable_ledger_before_a_call_sends_nothing(
 def test_no_warning_and_no_fallback_on_the_happy_path(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router
 ) -> None:
-    moonshot_mock.post("/chat/completions").mock(return_value=httpx.Response(200, json=completion()))
+    moonshot_mock.post("/chat/completions").mock(
+        return_value=httpx.Response(200, json=completion())
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)

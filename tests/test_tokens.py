@@ -688,6 +688,25 @@ def test_fuzz_garbage_bodies(method: str, garbage: Any) -> None:
     assert not est.exact or isinstance(garbage, dict)
 
 
+@pytest.mark.parametrize("method", ["kimi_k2", "kimi_k3", "approximate"])
+def test_self_referencing_and_surrogate_values_do_not_raise(method: str) -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    deep: Any = "x"
+    for _ in range(3000):
+        deep = [deep]
+    req = body(
+        {"role": "user", "content": loop},
+        {"role": "user", "content": "lone surrogate \ud800 here"},
+        {"role": "assistant", "content": deep, "tool_calls": [{"function": {"arguments": loop}}]},
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"properties": loop}}}],
+        response_format={"type": "json_schema", "json_schema": {"schema": loop}},
+    )
+    est = count_request_tokens(req, method)
+    assert est.tokens > 0 and not est.exact
+    assert count_text_tokens("\ud800", method) >= 1
+
+
 def _drops_history_reasoning(message: Any) -> bool:
     """A new final answer turns earlier reasoning into history, which the template drops."""
     return (
