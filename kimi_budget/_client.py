@@ -108,6 +108,21 @@ class _Guarded:
     def _kb_secrets(self) -> tuple[str, ...]:
         return (self.api_key,) if isinstance(self.api_key, str) else ()
 
+    def copy(self, **kwargs: Any) -> Any:
+        """The SDK's ``copy()``, keeping the ledger, budgets and tags.
+
+        Also takes ``ledger=``, ``budget=`` and ``tags=`` (merged into the current tags), so
+        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls.
+        """
+        overrides: dict[str, Any] = {
+            name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs
+        }
+        extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
+        return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[misc]
+
+    # The SDK binds with_options = copy in its own class body; rebind it to ours (as AzureOpenAI).
+    with_options = copy
+
     def _kb_copy_settings(self, overrides: Mapping[str, Any]) -> GuardSettings:
         settings = self._kb
         if overrides.get("ledger", _UNSET) is not _UNSET:
@@ -162,15 +177,6 @@ class OpenAI(_Guarded, openai.OpenAI):
         guard, given = _guard_settings(kwargs)
         super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
         self._kb = guard if guard is not None else resolve_settings(**given)
-
-    def copy(self, **kwargs: Any) -> OpenAI:  # type: ignore[override]
-        overrides: dict[str, Any] = {
-            name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs
-        }
-        extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
-        return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[no-any-return]
-
-    with_options = copy  # type: ignore[assignment]
 
     def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
@@ -261,15 +267,6 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         guard, given = _guard_settings(kwargs)
         super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
         self._kb = guard if guard is not None else resolve_settings(**given)
-
-    def copy(self, **kwargs: Any) -> AsyncOpenAI:  # type: ignore[override]
-        overrides: dict[str, Any] = {
-            name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs
-        }
-        extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
-        return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[no-any-return]
-
-    with_options = copy  # type: ignore[assignment]
 
     async def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None

@@ -67,7 +67,7 @@ def reserve(ledger: kb.Ledger, budget: kb.Budget, nanos: int, **tags: str) -> Re
         model="kimi-k2.5",
         tags=tags,
         created_at=now,
-        expires_at=now + timedelta(minutes=10),
+        expires_at=now + timedelta(hours=2),
         projected_nanos=nanos,
         prompt_estimate=0,
         price_cache_hit=100,
@@ -304,7 +304,7 @@ def test_the_total_cap_never_resets(ledger: kb.Ledger, clock: Clock) -> None:
 
 
 def test_budgets_in_two_zones_share_a_ledger(ledger: kb.Ledger, clock: Clock) -> None:
-    """Each zone keeps its own days: at 16:00 UTC Shanghai starts a new day, UTC does not."""
+    """Each zone keeps its own days: at 16:00 UTC Shanghai starts a new day, London does not."""
     shanghai = kb.Budget(daily="1", tz="Asia/Shanghai")
     london = kb.Budget(daily="1", tz="Europe/London")
     clock.set("2026-07-01T15:30:00Z")
