@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -39,6 +40,7 @@ from ._guard import (
     request_body,
 )
 from ._ledger import Ledger
+from ._pricing import BUILTIN_SOURCE
 from ._retry import explain_quota_error, log
 from ._streams import tee_async, tee_sync
 
@@ -73,6 +75,19 @@ def _base_url(base_url: Any) -> Any:
     if base_url is not None:
         return base_url
     return os.environ.get("MOONSHOT_BASE_URL") or DEFAULT_BASE_URL
+
+
+def _warn_if_prices_are_in_another_currency(base_url: str, settings: GuardSettings) -> None:
+    if "moonshot.cn" not in base_url:
+        return
+    if any(price.source == BUILTIN_SOURCE for price in settings.prices):
+        warnings.warn(
+            "kimi-budget's built-in prices are Moonshot's USD prices (api.moonshot.ai), but this "
+            "client calls api.moonshot.cn, which bills in CNY. Give your CNY prices with "
+            "prices_file= or KIMI_BUDGET_PRICES so that caps and the ledger are in one currency.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _attempt_options(options: Any, number: int) -> Any:
@@ -177,6 +192,8 @@ class OpenAI(_Guarded, openai.OpenAI):
         guard, given = _guard_settings(kwargs)
         super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
         self._kb = guard if guard is not None else resolve_settings(**given)
+        if guard is None:
+            _warn_if_prices_are_in_another_currency(str(self.base_url), self._kb)
 
     def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
@@ -267,6 +284,8 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         guard, given = _guard_settings(kwargs)
         super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
         self._kb = guard if guard is not None else resolve_settings(**given)
+        if guard is None:
+            _warn_if_prices_are_in_another_currency(str(self.base_url), self._kb)
 
     async def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None

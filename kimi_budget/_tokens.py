@@ -35,14 +35,17 @@ Kimi K2 family (K2-0711/0905/turbo, K2-Thinking, K2.5, K2.6, K2.7) -- the templa
     <|im_assistant|>assistant<|im_middle|>[<think>]                       generation prompt
 
 So a message costs 3 control tokens + its role name (1 token for user/assistant/system/tool) +
-its text.  Details taken from the templates and checked against published usage figures
-(``tests/data/published_usage.json``, reproduced exactly for kimi-k2-0905):
+its text, and the generation prompt 3 (+1 for K2.5's ``<think>``).  Details taken from the
+templates and checked against the published usage figures in
+``tests/data/published_usage.json`` (all kimi-k2-0905, English, via OpenRouter's Moonshot AI
+provider; none published for K2.5+ or with Chinese text):
 
 * The server tokenizes the tool list as a TypeScript-style declaration (``# Tools`` /
   ``namespace functions { type f = (_: {...}) => any; }``, the Kimi-K2.5 template's
-  ``tools_ts_str``).  Recordings from September 2025 matched compact JSON instead
-  (``tojson(separators=(',', ':'))`` without ``strict``), 8 tokens more for a one-tool request;
-  recordings from March 2026 match the TypeScript form exactly, so that is what is counted.
+  ``tools_ts_str``).  Recordings from March 2026 match that form exactly (all 6 figures);
+  recordings from September 2025 match compact JSON instead (``tojson(separators=(',', ':'))``
+  without ``strict``, all 6 figures), 8 tokens more for one small tool and 30 for two.  The
+  current form is counted; an older deployment would be under-counted by that difference.
 * Tool-call ids are rendered in the model's native ``functions.{id}`` form: every recorded
   multi-turn tool conversation is exactly one token per id occurrence above the raw ids.
 * "Thinking" models (K2-Thinking, K2.5 and later) wrap every assistant turn in
@@ -182,8 +185,9 @@ def _approx_count(text: str) -> int:
     """Conservative token estimate from character classes, with no vocabulary.
 
     Coefficients were fitted on English, Chinese and Python code so that the estimate exceeds
-    the K2 tokenizer on 95% of 200-character windows and by 15-25% in total (see
-    benchmarks/token_accuracy.py).  Each term below bounds, roughly from above, what the K2
+    the K2 tokenizer on 95% of 200-character windows; in total it is over by about +22% on
+    English, +25% on code and +13% (mixed UI strings) to +47% (pure prose) on Chinese, and
+    +30% to +44% over the two published moonshot-v1 counts (benchmarks/token_accuracy.py).  Each term below bounds, roughly from above, what the K2
     tokenizer does with that character class.
     """
     if not text:

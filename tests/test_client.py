@@ -530,3 +530,8 @@ def test_error_response_is_recorded_at_zero_cost(
     assert row["status"] == "error" and row["cost_nanos"] == 0 and row["attempts"] == 1
     assert "exceeded model token limit" in row["error"]
     assert mocked_client.ledger.pending() == []
+
+
+def test_china_platform_warns_that_builtin_prices_are_usd(ledger_path: Path) -> None:
+    with pytest.warns(UserWarning, match="CNY"):
+        kb.OpenAI(api_key=KEY, base_url="https://api.moonshot.cn/v1", ledger=ledger_path)
