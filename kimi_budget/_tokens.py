@@ -47,7 +47,12 @@ provider; none published for K2.5+ or with Chinese text):
   without ``strict``, all 6 figures), 8 tokens more for one small tool and 30 for two.  The
   current form is counted; an older deployment would be under-counted by that difference.
 * Tool-call ids are rendered in the model's native ``functions.{id}`` form: every recorded
-  multi-turn tool conversation is exactly one token per id occurrence above the raw ids.
+  multi-turn tool conversation is exactly one token per id occurrence above the raw ids.  (The
+  recorded ids were Moonshot's own ``name:index``, so the figures cannot tell "prefixed" from
+  "rebuilt as ``functions.{name}:{index}``"; for foreign ids such as ``call_abc123`` the prefix
+  form is counted, the longer of the two.)
+* ``response_format`` JSON modes: the K2 templates define no text for them; the K3 template's
+  instruction is counted as a system turn and the estimate is marked inexact.
 * "Thinking" models (K2-Thinking, K2.5 and later) wrap every assistant turn in
   ``<think>...</think>``; ``reasoning_content`` is kept only after the last assistant turn that
   has no tool calls (earlier turns render ``<think></think>``).  K2.5+ prefill ``<think>`` in the
@@ -79,8 +84,10 @@ high side; nothing in a request body makes counting raise.
 needs no vocabulary: a few ``bytes.translate``/``count`` passes over the UTF-8 text give letter
 runs, digits, punctuation, newlines and non-ASCII bytes, and a linear formula fitted to
 *over*-estimate the K2 tokenizer on English, Chinese and code (``benchmarks/token_accuracy.py``
-prints the measured error).  The client uses it only to pre-check and confirms with Moonshot's
-exact count endpoint before refusing a request.
+prints the measured error).  Messages are framed like K2-Instruct (3 control tokens and a role
+name each, default system prompt when none), tools are counted as their compact JSON.  The
+client uses it only to pre-check and confirms with Moonshot's exact count endpoint before
+refusing a request.
 """
 
 from __future__ import annotations
