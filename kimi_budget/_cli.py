@@ -378,12 +378,23 @@ def estimate(
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = max_tokens
     prices = resolve_prices(None, None, _config())
+    if body["model"] not in prices:
+        raise UserError(
+            f"no price for model {body['model']!r}; known models: {', '.join(sorted(prices.models))}. "
+            f"Add one in a price file (KIMI_BUDGET_PRICES) or a [prices.\"{body['model']}\"] table "
+            f"in kimi-budget.toml."
+        )
     result = rp.estimate_request(body, prices)
     if as_json:
         _print_json(result.to_json())
         return
     price, est = result.price, result.estimate
-    exactness = "exact" if est.exact else "approximate"
+    if est.exact:
+        exactness = f"exact, counted with the {est.method} tokenizer"
+    elif est.method == "approximate":
+        exactness = "approximate, an over-estimate: this model's tokenizer is not public"
+    else:
+        exactness = f"approximate: {est.method} tokenizer, some parts estimated (e.g. images)"
     need = est.tokens + result.max_output
     if result.explicit_max:
         limit = f"{rp.tokens(result.max_output)} tokens (max_tokens)"
@@ -399,7 +410,7 @@ def estimate(
     n = f" x {result.choices} choices" if result.choices > 1 else ""
     rows = [
         ["model", f"{price.model} (context window {rp.tokens(price.context_window)} tokens)"],
-        ["prompt", f"{rp.tokens(est.tokens)} tokens ({exactness}, {est.method})"],
+        ["prompt", f"{rp.tokens(est.tokens)} tokens ({exactness})"],
         ["max output", limit + n],
         ["fits", fits],
         [

@@ -13,6 +13,7 @@ import contextlib
 import json
 import secrets
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +119,11 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
             usage = f"{row['prompt_tokens']} in{cached} / {row['completion_tokens']} out"
             note = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in extra.items())
             say(
-                f"{name:<28} {usage:<26} ${step['cost_usd']:<11} (reserved "
-                f"${step['reserved_usd']}){'  ' + note if note else ''}"
+                f"{name:<26} {usage:<29} ${step['cost_usd']:<10} reserved "
+                f"${step['reserved_usd']:<10}{'  ' + note if note else ''}".rstrip()
             )
             if reply:
-                say(f"{'':<28} reply: {_clip(reply, 60)}")
+                say(f"{'':<26} reply: {_clip(reply, 60)}")
             steps.append(step)
             return step
 
@@ -168,8 +169,9 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
                     "error": str(exc),
                 }
             )
-            say(f"{'4. a call over the cap':<28} refused, {sent} requests sent: BudgetExceededError")
-            say(f"{'':<28} {exc}")
+            say(f"{'4. a call over the cap':<26} refused before sending ({sent} requests sent):")
+            say(textwrap.fill(f"BudgetExceededError: {exc}", width=100, initial_indent=" " * 27,
+                              subsequent_indent=" " * 27))
         else:  # pragma: no cover - the cap is sized so that this cannot happen
             raise RuntimeError("the demo's over-the-cap call was not refused")
 

@@ -210,6 +210,8 @@ class Ledger:
         self._conn = self._open()
         self.db = sqlite_utils.Database(self._conn)
         self._merge_fallback()
+        # Reservations of processes that died are settled as soon as anyone opens the ledger.
+        self.expire_stale()
 
     # -- opening -----------------------------------------------------------------------
 

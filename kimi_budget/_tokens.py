@@ -194,8 +194,9 @@ def _approx_count(text: str) -> int:
     Coefficients were fitted on English, Chinese and Python code so that the estimate exceeds
     the K2 tokenizer on 95% of 200-character windows; in total it is over by about +22% on
     English, +25% on code and +13% (mixed UI strings) to +47% (pure prose) on Chinese, and
-    +30% to +44% over the two published moonshot-v1 counts (benchmarks/token_accuracy.py).  Each term below bounds, roughly from above, what the K2
-    tokenizer does with that character class.
+    +30% to +44% over the two published moonshot-v1 counts (benchmarks/token_accuracy.py).
+    Each term below bounds, roughly from above, what the K2 tokenizer does with that character
+    class.
     """
     if not text:
         return 0
