@@ -212,7 +212,7 @@ class OpenAI(_Guarded, openai.OpenAI):
             result = self._kb_attempts(send, options, max_retries, call)
         except BaseException as exc:
             call.failed(exc)
-            clearer = explain_quota_error(exc)
+            clearer = explain_quota_error(exc, self._kb_secrets())
             if clearer is exc:
                 raise
             raise clearer from None
@@ -304,7 +304,7 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             result = await self._kb_attempts(send, options, max_retries, call)
         except BaseException as exc:
             call.failed(exc)
-            clearer = explain_quota_error(exc)
+            clearer = explain_quota_error(exc, self._kb_secrets())
             if clearer is exc:
                 raise
             raise clearer from None

@@ -161,7 +161,12 @@ def _count(
         return TokenEstimate(int(settings.token_counter(body)), True, "custom")
     if settings.exact_tokens == "always" and exact_count is not None:
         return TokenEstimate(exact_count(body), True, "endpoint")
-    return count_request_tokens(body, price.tokenizer)
+    try:
+        return count_request_tokens(body, price.tokenizer)
+    except ImportError:
+        # No local vocabulary (splintr missing): count conservatively; exact=False makes a
+        # refusal wait for Moonshot's own count.
+        return count_request_tokens(body, "approximate")
 
 
 def _positive_int(value: Any) -> int | None:
@@ -415,11 +420,13 @@ class Call:
             error=redact(error, self.secrets)[:1000] if error else None,
             note=redact(note, self.secrets)[:1000] if note else None,
         )
-        if warn and note:
+        if warn and settlement.note:
             import warnings
 
+            # The redacted note: a response that echoes the API key must not carry it out here.
             warnings.warn(
-                f"kimi-budget: {self.reservation.model} call {self.reservation.call_id}: {note}.",
+                f"kimi-budget: {self.reservation.model} call {self.reservation.call_id}: "
+                f"{settlement.note}.",
                 RuntimeWarning,
                 stacklevel=4,
             )

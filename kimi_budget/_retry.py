@@ -87,7 +87,7 @@ def server_wait(exc: BaseException) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def explain_quota_error(exc: BaseException) -> BaseException:
+def explain_quota_error(exc: BaseException, secrets: tuple[str, ...] = ()) -> BaseException:
     """Say plainly, in the SDK's own exception class, that the account is out of credit."""
     if (
         not isinstance(exc, openai.APIStatusError)
@@ -99,6 +99,9 @@ def explain_quota_error(exc: BaseException) -> BaseException:
         f"(HTTP {exc.status_code} exceeded_current_quota_error: {exc.message}). Check the balance "
         f"with `kimi-budget balance` and top up; kimi-budget did not retry and recorded $0."
     )
+    from ._guard import redact  # imported here: _guard imports this module
+
+    message = redact(message, secrets)
     try:
         clearer = type(exc)(message, response=exc.response, body=exc.body)
     except TypeError:

@@ -186,6 +186,9 @@ _ALNUM_MAP: Final = bytes(
 )
 _PUNCT: Final = string.punctuation.encode()
 _BLOCK16: Final = b"a" * 16
+_HIGH_BYTES: Final = bytes(range(128, 256))
+_HAN: Final = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_ACCENTED_LATIN: Final = re.compile("[\u00c0-\u024f]")
 
 
 def _approx_count(text: str) -> int:
@@ -213,9 +216,12 @@ def _approx_count(text: str) -> int:
     newlines = b.count(b"\n")
     spaces = b.count(b" ") + b.count(b"\t") + b.count(b"\r")
     indent = b.count(b"  ") + b.count(b"\t")
-    # Everything else is non-ASCII: CJK is 3 UTF-8 bytes and K2 averages ~0.53 token per Han
-    # character, so 0.25 per byte (0.75 per character) leaves a margin for rarer characters.
-    high = n - letters - digits - punct - newlines - spaces
+    # Non-ASCII: K2 averages ~0.53 token per Han character, so 0.75 leaves a margin for rarer
+    # ones; accented Latin, Cyrillic, kana and the rest run close to one token per character.
+    non_ascii = len(text) - len(b.translate(None, _HIGH_BYTES))
+    han = len(_HAN.findall(text)) if non_ascii else 0
+    # Accented Latin letters split the words they sit in: count them double.
+    latin = len(_ACCENTED_LATIN.findall(text)) if non_ascii else 0
     # 16+ character alphanumeric runs are ids, hashes, base64: K2 needs ~0.5-0.7 token per
     # character there, far above the word rate, so each 16-character block gets 8 more.
     blocks = b.translate(_ALNUM_MAP).count(_BLOCK16)
@@ -227,7 +233,9 @@ def _approx_count(text: str) -> int:
         + 0.6 * punct
         + 1.5 * newlines
         + 0.25 * indent
-        + 0.25 * high
+        + 0.75 * han
+        + 1.0 * (non_ascii - han)
+        + 1.0 * latin
         + 8 * blocks
     )
     return max(1, math.ceil(est))

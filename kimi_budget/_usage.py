@@ -54,7 +54,12 @@ def read_usage(raw: Any) -> Usage | None:
         dump = getattr(raw, "model_dump", None)
         if dump is None:
             return None
-        raw = dump()
+        try:
+            # Malformed usage is expected here; pydantic's serializer warning would quote the
+            # bad value (possibly a secret echoed by a proxy) and say nothing useful.
+            raw = dump(warnings=False)
+        except (TypeError, ValueError):  # pydantic v1 (openai's shim) has no warnings=
+            raw = dump()
     prompt = _as_count(raw.get("prompt_tokens"))
     completion = _as_count(raw.get("completion_tokens"))
     if prompt is None or completion is None:

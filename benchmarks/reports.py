@@ -1,0 +1,129 @@
+"""``kimi-budget report --by day``, ``--by model`` and ``status`` on a big ledger.
+
+Each command is timed twice: as the user runs it (a fresh ``python -m kimi_budget`` process,
+interpreter start-up and imports included), and in a warm process through click's test
+runner (the command's own work). ``status`` is run once on a copy where the budget is new
+(it registers the budget and backfills its totals from the rows: a one-off scan), then again.
+
+    python benchmarks/reports.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import CAPS, fmt_s, ledger_copy, remove_ledger, table  # noqa: E402
+
+ENV_CAPS = {
+    "KIMI_BUDGET_HOURLY_USD": CAPS["hourly"],
+    "KIMI_BUDGET_DAILY_USD": CAPS["daily"],
+    "KIMI_BUDGET_WEEKLY_USD": CAPS["weekly"],
+    "KIMI_BUDGET_MONTHLY_USD": CAPS["monthly"],
+    "KIMI_BUDGET_TOTAL_USD": CAPS["total"],
+}
+COMMANDS = {
+    "report --by day": ["report", "--by", "day"],
+    "report --by model": ["report", "--by", "model"],
+    "status": ["status"],
+}
+
+
+def _env(home: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KIMI_BUDGET_", "MOONSHOT_"))}
+    env.update(ENV_CAPS)
+    # No config file of the developer's may change what is measured.
+    env.update(HOME=home, XDG_CONFIG_HOME=str(Path(home) / ".config"))
+    return env
+
+
+def _fresh(args: list[str], ledger: Path, home: str) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "kimi_budget", *args, "--ledger", str(ledger)],
+        env=_env(home), cwd=home, capture_output=True, text=True, check=False,
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"kimi-budget {' '.join(args)} failed: {done.stderr.strip()}")
+    return elapsed, done.stdout
+
+
+def _warm(args: list[str], ledger: Path, home: str) -> float:
+    from click.testing import CliRunner
+
+    from kimi_budget._cli import cli
+
+    runner = CliRunner()
+    old = os.getcwd()
+    os.chdir(home)
+    try:
+        started = time.perf_counter()
+        result = runner.invoke(cli, [*args, "--ledger", str(ledger)], env=_env(home))
+        elapsed = time.perf_counter() - started
+    finally:
+        os.chdir(old)
+    if result.exit_code != 0:
+        raise RuntimeError(f"kimi-budget {' '.join(args)} failed: {result.output.strip()}")
+    return elapsed
+
+
+def _startup(home: str, runs: int) -> tuple[float, float]:
+    """Seconds for ``python -c pass`` and for importing the command line, fresh processes."""
+    def once(code: str) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=_env(home), cwd=home, check=True)
+        return time.perf_counter() - started
+
+    bare = statistics.median(once("pass") for _ in range(runs))
+    cli = statistics.median(once("import kimi_budget._cli") for _ in range(runs))
+    return bare, cli
+
+
+def run(*, tiny: bool = False, rows: int | None = None, runs: int | None = None) -> dict[str, Any]:
+    rows = rows or (1_000 if tiny else 1_000_000)
+    runs = runs or (1 if tiny else 5)
+    ledger = ledger_copy(rows, "reports")
+    timings: dict[str, tuple[float, float]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="kimi-budget-bench-") as home:
+            first_status, _ = _fresh(COMMANDS["status"], ledger, home)
+            for name, args in COMMANDS.items():
+                fresh = statistics.median(_fresh(args, ledger, home)[0] for _ in range(runs))
+                warm = statistics.median(_warm(args, ledger, home) for _ in range(runs))
+                timings[name] = (fresh, warm)
+            bare, cli_import = _startup(home, runs)
+    finally:
+        remove_ledger(ledger)
+    out_rows = [[f"status, first run (registers the budget: backfill from {rows:,} rows)",
+                 fmt_s(first_status), "", ""]]
+    for name, (fresh, warm) in timings.items():
+        limit = 0.3 if name == "status" else 1.0
+        out_rows.append([name, fmt_s(fresh), fmt_s(warm), f"< {limit:g} s"])
+    text = "\n\n".join([
+        f"Ledger: {rows:,} rows this month; median of {runs} run(s); budget from "
+        f"KIMI_BUDGET_*_USD ({', '.join(k.split('_')[2].lower() for k in ENV_CAPS)}).",
+        table(["command", "fresh process (as run)", "command only (warm process)", "target"],
+              out_rows),
+        f"Start-up floor of any fresh process: `python -c pass` {fmt_s(bare)}; "
+        f"`import kimi_budget._cli` {fmt_s(cli_import)} (it imports openai: kimi-budget's "
+        f"exceptions subclass openai.OpenAIError).",
+    ])
+    return {"rows": rows, "timings": timings, "first_status": first_status,
+            "startup": (bare, cli_import), "text": text}
+
+
+def main() -> None:
+    print(run(tiny="--tiny" in sys.argv)["text"])
+
+
+if __name__ == "__main__":
+    main()
