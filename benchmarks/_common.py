@@ -27,12 +27,32 @@ from typing import Any
 
 UTC = timezone.utc
 ROOT = Path(__file__).resolve().parent.parent
-MESSAGES = [{"role": "user", "content": "Say hello in one short sentence."}]
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello in one short sentence."}]
 MODEL = "kimi-k2.5"
 # A budget with every cap set: each call checks and updates five windows.
-CAPS = dict(per_call="5", hourly="100000", daily="1000000", weekly="5000000",
-            monthly="20000000", total="1000000000")
+CAPS = dict(
+    per_call="5",
+    hourly="100000",
+    daily="1000000",
+    weekly="5000000",
+    monthly="20000000",
+    total="1000000000",
+)
 TAGS = {"project": "bench", "team": "perf"}
+
+
+def make_budget() -> Any:
+    """A ``kimi_budget.Budget`` with every cap of ``CAPS``."""
+    import kimi_budget as kb
+
+    return kb.Budget(
+        per_call=CAPS["per_call"],
+        hourly=CAPS["hourly"],
+        daily=CAPS["daily"],
+        weekly=CAPS["weekly"],
+        monthly=CAPS["monthly"],
+        total=CAPS["total"],
+    )
 
 
 def scratch_dir() -> Path:
@@ -70,7 +90,10 @@ def machine_info() -> list[tuple[str, str]]:
     http = "httpx2" if hasattr(base, "httpx2") else "httpx"
     http_version = getattr(sys.modules.get(http), "__version__", "?")
     return [
-        ("machine", f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"),
+        (
+            "machine",
+            f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        ),
         ("load average at start (1/5/15 min)", load_average()),
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("openai", f"{openai.__version__} (over {http} {http_version})"),
@@ -131,9 +154,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table (it reads fine in a terminal too)."""
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells[1:]]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in cells[1:]
+    ]
     return "\n".join(lines)
 
 
@@ -207,11 +235,11 @@ def _rows(count: int, start: datetime, end: datetime, seed: int) -> Iterator[tup
         cost = (cached * hit + (prompt - cached) * miss + completion * out) if ok else 0
         project = _PROJECTS[i % len(_PROJECTS)]
         yield (
-            "%032x" % rng.getrandbits(128),
+            f"{rng.getrandbits(128):032x}",
             format_utc(created),
             format_utc(created + timedelta(milliseconds=rng.randint(300, 9000))),
             model,
-            '{"project":"%s","team":"perf"}' % project,
+            f'{{"project":"{project}","team":"perf"}}',
             "ok" if ok else "error",
             prompt if ok else None,
             cached if ok else None,

@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     CAPS,
     MODEL,
     TAGS,
@@ -27,6 +27,7 @@ from _common import (  # noqa: E402
     check_totals,
     fmt_us,
     ledger_copy,
+    make_budget,
     remove_ledger,
     table,
 )
@@ -40,29 +41,46 @@ def cycle(ledger: Any, budgets: tuple[Any, ...]) -> tuple[int, int]:
 
     now = datetime.now(UTC)
     reservation = Reservation(
-        call_id=uuid.uuid4().hex, model=MODEL, tags=TAGS, created_at=now,
-        expires_at=now + timedelta(seconds=660), projected_nanos=250_000, prompt_estimate=40,
-        price_cache_hit=100, price_cache_miss=600, price_output=3000,
+        call_id=uuid.uuid4().hex,
+        model=MODEL,
+        tags=TAGS,
+        created_at=now,
+        expires_at=now + timedelta(seconds=660),
+        projected_nanos=250_000,
+        prompt_estimate=40,
+        price_cache_hit=100,
+        price_cache_miss=600,
+        price_output=3000,
     )
     started = time.perf_counter_ns()
     ledger.reserve(reservation, budgets)
     reserved = time.perf_counter_ns()
     settlement = Settlement(
-        reservation=reservation, status="ok", prompt_tokens=40, cached_tokens=0,
-        completion_tokens=35, cost_nanos=40 * 600 + 35 * 3000, estimated=False, attempts=1,
-        finished_at=datetime.now(UTC), request_id="chatcmpl-bench", latency_ms=1,
+        reservation=reservation,
+        status="ok",
+        prompt_tokens=40,
+        cached_tokens=0,
+        completion_tokens=35,
+        cost_nanos=40 * 600 + 35 * 3000,
+        estimated=False,
+        attempts=1,
+        finished_at=datetime.now(UTC),
+        request_id="chatcmpl-bench",
+        latency_ms=1,
     )
     settling = time.perf_counter_ns()
     assert ledger.settle(settlement)
     return reserved - started, time.perf_counter_ns() - settling
 
 
-def run(*, tiny: bool = False, sizes: list[int] | None = None, cycles: int | None = None) -> dict[str, Any]:
+def run(
+    *, tiny: bool = False, sizes: list[int] | None = None, cycles: int | None = None
+) -> dict[str, Any]:
     import kimi_budget as kb
 
     sizes = sizes or ([100, 1_000] if tiny else [1_000, 10_000, 100_000, 1_000_000])
     cycles = cycles or (30 if tiny else 2_000)
-    budgets = (kb.Budget(**CAPS),)
+    budgets = (make_budget(),)
     ledgers = []
     for rows in sizes:
         ledger = kb.Ledger(ledger_copy(rows, f"flat-{rows}"))
@@ -77,7 +95,7 @@ def run(*, tiny: bool = False, sizes: list[int] | None = None, cycles: int | Non
                 cycle(ledger, budgets)
         gc.collect()
         for i in range(cycles):
-            order = list(zip(sizes, ledgers))
+            order = list(zip(sizes, ledgers, strict=True))
             for rows, ledger in order if i % 2 else order[::-1]:
                 r, s = cycle(ledger, budgets)
                 reserve[rows].add(r)
@@ -91,18 +109,34 @@ def run(*, tiny: bool = False, sizes: list[int] | None = None, cycles: int | Non
             remove_ledger(ledger.path)
     base = both[sizes[0]].median_us
     rows_out = [
-        [f"{rows:,}", fmt_us(reserve[rows].median_us), fmt_us(settle[rows].median_us),
-         fmt_us(both[rows].median_us), fmt_us(both[rows].p99_us),
-         f"{both[rows].median_us / base:.2f}×"]
+        [
+            f"{rows:,}",
+            fmt_us(reserve[rows].median_us),
+            fmt_us(settle[rows].median_us),
+            fmt_us(both[rows].median_us),
+            fmt_us(both[rows].p99_us),
+            f"{both[rows].median_us / base:.2f}×",
+        ]
         for rows in sizes
     ]
     ratio = both[sizes[-1]].median_us / base
-    text = "\n\n".join([
-        f"{cycles:,} reserve+settle cycles per ledger, round-robin; budget with "
-        f"{', '.join(CAPS)} caps; rows all in the current month.",
-        table(["rows in ledger", "check+reserve median", "settle median", "cycle median",
-               "cycle p99", f"vs {sizes[0]:,} rows"], rows_out),
-    ])
+    text = "\n\n".join(
+        [
+            f"{cycles:,} reserve+settle cycles per ledger, round-robin; budget with "
+            f"{', '.join(CAPS)} caps; rows all in the current month.",
+            table(
+                [
+                    "rows in ledger",
+                    "check+reserve median",
+                    "settle median",
+                    "cycle median",
+                    "cycle p99",
+                    f"vs {sizes[0]:,} rows",
+                ],
+                rows_out,
+            ),
+        ]
+    )
     return {"sizes": sizes, "ratio": ratio, "cycle": both, "text": text}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     CAPS,
     MESSAGES,
     MODEL,
@@ -32,6 +31,7 @@ from _common import (  # noqa: E402
     check_totals,
     fmt_us,
     ledger_copy,
+    make_budget,
     remove_ledger,
     standin,
     table,
@@ -65,11 +65,13 @@ def _clients(url: str, rows: int, name: str, *, asynchronous: bool = False) -> t
 
     path = ledger_copy(rows, name)
     ledger = kb.Ledger(path)
-    budget = kb.Budget(**CAPS)
+    budget = make_budget()
     check_totals(ledger, budget)  # registers the budget (backfilling its totals) and checks them
     if asynchronous:
         raw: Any = openai.AsyncOpenAI(api_key=KEY, base_url=url)
-        guarded: Any = kb.AsyncOpenAI(api_key=KEY, base_url=url, ledger=ledger, budget=budget, tags=TAGS)
+        guarded: Any = kb.AsyncOpenAI(
+            api_key=KEY, base_url=url, ledger=ledger, budget=budget, tags=TAGS
+        )
     else:
         raw = openai.OpenAI(api_key=KEY, base_url=url)
         guarded = kb.OpenAI(api_key=KEY, base_url=url, ledger=ledger, budget=budget, tags=TAGS)
@@ -91,7 +93,9 @@ def _one(client: Any, stream: bool) -> int:
     return time.perf_counter_ns() - started
 
 
-def sync_comparison(url: str, *, rows: int, calls: int, stream: bool, warmup: int = 30) -> Comparison:
+def sync_comparison(
+    url: str, *, rows: int, calls: int, stream: bool, warmup: int = 30
+) -> Comparison:
     raw, guarded, ledger = _clients(url, rows, "overhead-stream" if stream else "overhead")
     try:
         for _ in range(warmup):
@@ -130,7 +134,9 @@ def sync_comparison(url: str, *, rows: int, calls: int, stream: bool, warmup: in
 async def _async_round(client: Any, concurrency: int, latencies: Sample) -> int:
     async def one() -> None:
         started = time.perf_counter_ns()
-        response = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
+        response = await client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=64
+        )
         assert response.usage is not None
         latencies.add(time.perf_counter_ns() - started)
 
@@ -171,7 +177,11 @@ async def _async_comparison(url: str, rows: int, rounds: int, concurrency: int) 
     per_call_raw = Sample([v // concurrency for v in raw_rounds.values])
     per_call_kb = Sample([v // concurrency for v in kb_rounds.values])
     result = Comparison(
-        f"async, {concurrency} concurrent calls", per_call_raw, per_call_kb, stages, per="call (round / 50)"
+        f"async, {concurrency} concurrent calls",
+        per_call_raw,
+        per_call_kb,
+        stages,
+        per="call (round / 50)",
     )
     result.notes.append(
         f"latency of one call within a round: raw median {fmt_us(raw_lat.median_us)}, "
@@ -192,12 +202,17 @@ def async_comparison(url: str, *, rows: int, rounds: int, concurrency: int = 50)
 def comparison_rows(results: list[Comparison]) -> list[list[str]]:
     rows = []
     for r in results:
-        rows.append([
-            r.label,
-            fmt_us(r.raw.median_us), fmt_us(r.raw.p99_us),
-            fmt_us(r.guarded.median_us), fmt_us(r.guarded.p99_us),
-            f"{r.ratio:.3f}×", fmt_us(r.added_us),
-        ])
+        rows.append(
+            [
+                r.label,
+                fmt_us(r.raw.median_us),
+                fmt_us(r.raw.p99_us),
+                fmt_us(r.guarded.median_us),
+                fmt_us(r.guarded.p99_us),
+                f"{r.ratio:.3f}×",
+                fmt_us(r.added_us),
+            ]
+        )
     return rows
 
 
@@ -211,10 +226,21 @@ def stage_rows(results: list[Comparison]) -> list[list[str]]:
     return rows
 
 
-COMPARISON_HEADERS = ["per-call wall time", "raw median", "raw p99", "kimi-budget median",
-                      "kimi-budget p99", "ratio", "added"]
-STAGE_HEADERS = ["added time by stage (median)", *StageTimer.STAGES, "sum of stages",
-                 "rest (retry loop, option copy), by difference"]
+COMPARISON_HEADERS = [
+    "per-call wall time",
+    "raw median",
+    "raw p99",
+    "kimi-budget median",
+    "kimi-budget p99",
+    "ratio",
+    "added",
+]
+STAGE_HEADERS = [
+    "added time by stage (median)",
+    *StageTimer.STAGES,
+    "sum of stages",
+    "rest (retry loop, option copy), by difference",
+]
 
 
 def run(
@@ -229,8 +255,12 @@ def run(
     stream_calls = max(calls // 5, 6)
     rounds = max(calls // 50, 2)
     with standin(stream_chunks=200, subprocess_=subprocess_server) as url:
-        small = sync_comparison(url, rows=rows, calls=calls, stream=False, warmup=5 if tiny else 100)
-        streamed = sync_comparison(url, rows=rows, calls=stream_calls, stream=True, warmup=3 if tiny else 20)
+        small = sync_comparison(
+            url, rows=rows, calls=calls, stream=False, warmup=5 if tiny else 100
+        )
+        streamed = sync_comparison(
+            url, rows=rows, calls=stream_calls, stream=True, warmup=3 if tiny else 20
+        )
         concurrent = async_comparison(url, rows=rows, rounds=rounds)
     results = [small, streamed, concurrent]
     return {
@@ -239,13 +269,16 @@ def run(
         "small": small,
         "stream": streamed,
         "async": concurrent,
-        "text": "\n\n".join([
-            f"Ledger: {rows:,} rows this month; budget: {', '.join(CAPS)} caps; "
-            f"{calls:,} small calls, {stream_calls:,} streams, {rounds} async rounds per client.",
-            table(COMPARISON_HEADERS, comparison_rows(results)),
-            table(STAGE_HEADERS, stage_rows(results)),
-            "\n".join(f"- {note}" for r in results for note in r.notes),
-        ]),
+        "text": "\n\n".join(
+            [
+                f"Ledger: {rows:,} rows this month; budget: {', '.join(CAPS)} caps; "
+                f"{calls:,} small calls, {stream_calls:,} streams, {rounds} async rounds per "
+                "client.",
+                table(COMPARISON_HEADERS, comparison_rows(results)),
+                table(STAGE_HEADERS, stage_rows(results)),
+                "\n".join(f"- {note}" for r in results for note in r.notes),
+            ]
+        ),
     }
 
 
@@ -258,7 +291,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="ledger rows (default 1,000,000)")
     parser.add_argument("--calls", type=int, help="small calls per client (default 2,000)")
     args = parser.parse_args()
-    out = run(tiny=args.tiny, subprocess_server=not args.in_process, rows=args.rows, calls=args.calls)
+    out = run(
+        tiny=args.tiny, subprocess_server=not args.in_process, rows=args.rows, calls=args.calls
+    )
     print(out["text"])
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import CAPS, fmt_s, ledger_copy, remove_ledger, table  # noqa: E402
+from _common import CAPS, fmt_s, ledger_copy, remove_ledger, table
 
 ENV_CAPS = {
     "KIMI_BUDGET_HOURLY_USD": CAPS["hourly"],
@@ -49,7 +49,11 @@ def _fresh(args: list[str], ledger: Path, home: str) -> tuple[float, str]:
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "kimi_budget", *args, "--ledger", str(ledger)],
-        env=_env(home), cwd=home, capture_output=True, text=True, check=False,
+        env=_env(home),
+        cwd=home,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
@@ -78,6 +82,7 @@ def _warm(args: list[str], ledger: Path, home: str) -> float:
 
 def _startup(home: str, runs: int) -> tuple[float, float]:
     """Seconds for ``python -c pass`` and for importing the command line, fresh processes."""
+
     def once(code: str) -> float:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], env=_env(home), cwd=home, check=True)
@@ -103,22 +108,37 @@ def run(*, tiny: bool = False, rows: int | None = None, runs: int | None = None)
             bare, cli_import = _startup(home, runs)
     finally:
         remove_ledger(ledger)
-    out_rows = [[f"status, first run (registers the budget: backfill from {rows:,} rows)",
-                 fmt_s(first_status), "", ""]]
+    out_rows = [
+        [
+            f"status, first run (registers the budget: backfill from {rows:,} rows)",
+            fmt_s(first_status),
+            "",
+            "",
+        ]
+    ]
     for name, (fresh, warm) in timings.items():
         limit = 0.3 if name == "status" else 1.0
         out_rows.append([name, fmt_s(fresh), fmt_s(warm), f"< {limit:g} s"])
-    text = "\n\n".join([
-        f"Ledger: {rows:,} rows this month; median of {runs} run(s); budget from "
-        f"KIMI_BUDGET_*_USD ({', '.join(k.split('_')[2].lower() for k in ENV_CAPS)}).",
-        table(["command", "fresh process (as run)", "command only (warm process)", "target"],
-              out_rows),
-        f"Start-up floor of any fresh process: `python -c pass` {fmt_s(bare)}; "
-        f"`import kimi_budget._cli` {fmt_s(cli_import)} (it imports openai: kimi-budget's "
-        f"exceptions subclass openai.OpenAIError).",
-    ])
-    return {"rows": rows, "timings": timings, "first_status": first_status,
-            "startup": (bare, cli_import), "text": text}
+    text = "\n\n".join(
+        [
+            f"Ledger: {rows:,} rows this month; median of {runs} run(s); budget from "
+            f"KIMI_BUDGET_*_USD ({', '.join(k.split('_')[2].lower() for k in ENV_CAPS)}).",
+            table(
+                ["command", "fresh process (as run)", "command only (warm process)", "target"],
+                out_rows,
+            ),
+            f"Start-up floor of any fresh process: `python -c pass` {fmt_s(bare)}; "
+            f"`import kimi_budget._cli` {fmt_s(cli_import)} (it imports openai: kimi-budget's "
+            f"exceptions subclass openai.OpenAIError).",
+        ]
+    )
+    return {
+        "rows": rows,
+        "timings": timings,
+        "first_status": first_status,
+        "startup": (bare, cli_import),
+        "text": text,
+    }
 
 
 def main() -> None:

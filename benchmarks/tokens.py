@@ -20,14 +20,76 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt_s, table  # noqa: E402
+from _common import fmt_us, table
 
-_WORDS = (
-    "budget ledger token model request stream window cache price spend limit call server "
-    "reply error retry answer daily monthly project crawler agent memory context prompt "
-    "the a of to and in is that for it with as on was be by this are from or have an they "
-    "which one you were all we when there can been has more if will would about into than"
-).split()
+_WORDS = [
+    "budget",
+    "ledger",
+    "token",
+    "model",
+    "request",
+    "stream",
+    "window",
+    "cache",
+    "price",
+    "spend",
+    "limit",
+    "call",
+    "server",
+    "reply",
+    "error",
+    "retry",
+    "answer",
+    "daily",
+    "monthly",
+    "project",
+    "crawler",
+    "agent",
+    "memory",
+    "context",
+    "prompt",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "with",
+    "as",
+    "on",
+    "was",
+    "be",
+    "by",
+    "this",
+    "are",
+    "from",
+    "or",
+    "have",
+    "an",
+    "they",
+    "which",
+    "one",
+    "you",
+    "were",
+    "all",
+    "we",
+    "when",
+    "there",
+    "can",
+    "been",
+    "has",
+    "more",
+    "if",
+    "will",
+    "would",
+    "about",
+    "into",
+    "than",
+]
 # Common Hanzi: any mix of them is valid Chinese text as far as the tokenizer cares.
 _HANZI = (
     "的一是不了在人有我他这个们中来上大为和国地到以说时要就出会可也你对生能而子那得于着下自之"
@@ -58,13 +120,17 @@ def _code(rng: random.Random, lines: int) -> str:
     for i in range(lines):
         a, b = rng.choice(_IDENTS), rng.choice(_IDENTS)
         n = rng.randint(0, 10_000)
-        out.append(rng.choice([
-            f"def {a}_{i}({b}: int = {n}) -> int:",
-            f"    {a} = {b}.get('{a}', {n}) + {rng.random():.4f}",
-            f"    if {a} > {n}:\n        return {b}[{n % 7}]",
-            f"    for {a} in range({n}):  # {rng.choice(_WORDS)} {rng.choice(_WORDS)}",
-            f"    {a}.execute(\"SELECT {b} FROM calls WHERE id = ?\", ({n},))",
-        ]))
+        out.append(
+            rng.choice(
+                [
+                    f"def {a}_{i}({b}: int = {n}) -> int:",
+                    f"    {a} = {b}.get('{a}', {n}) + {rng.random():.4f}",
+                    f"    if {a} > {n}:\n        return {b}[{n % 7}]",
+                    f"    for {a} in range({n}):  # {rng.choice(_WORDS)} {rng.choice(_WORDS)}",
+                    f'    {a}.execute("SELECT {b} FROM calls WHERE id = ?", ({n},))',
+                ]
+            )
+        )
     return "\n".join(out)
 
 
@@ -78,8 +144,9 @@ def mixed_prompt(target_tokens: int, *, seed: int = 5) -> tuple[dict[str, Any], 
     body: dict[str, Any] = {}
     while tokens < target_tokens:
         kind = len(parts) % 3
-        piece = (_english(rng, 400) if kind == 0 else _chinese(rng, 500) if kind == 1
-                 else _code(rng, 40))
+        piece = (
+            _english(rng, 400) if kind == 0 else _chinese(rng, 500) if kind == 1 else _code(rng, 40)
+        )
         parts.append(piece)
         if len(parts) % 30 == 0 or tokens == 0:
             body = _body(parts)
@@ -111,20 +178,22 @@ def _body(parts: list[str]) -> dict[str, Any]:
 _LOAD_PROBE = r"""
 import json, time
 t0 = time.perf_counter()
-import kimi_budget._tokens as tokens
+import kimi_budget
 t1 = time.perf_counter()
-first = tokens.load_tokenizer("kimi_k2")
+import kimi_budget._tokens as tokens
 t2 = time.perf_counter()
+first = tokens.load_tokenizer("kimi_k2")
+t3 = time.perf_counter()
 body = {"model": "kimi-k2.5", "messages": [{"role": "user", "content": "hello"}]}
 tokens.count_request_tokens(body, "kimi_k2")
-t3 = time.perf_counter()
+t4 = time.perf_counter()
 again = tokens.load_tokenizer("kimi_k2")
 tokens.count_request_tokens(body, "kimi_k2")
-t4 = time.perf_counter()
-tokens.load_tokenizer("kimi_k3")
 t5 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load_k2": t2 - t1, "first_count": t3 - t2,
-                  "second_load_and_count": t4 - t3, "load_k3": t5 - t4,
+tokens.load_tokenizer("kimi_k3")
+t6 = time.perf_counter()
+print(json.dumps({"package": t1 - t0, "import": t2 - t1, "load_k2": t3 - t2,
+                  "first_count": t4 - t3, "second_load_and_count": t5 - t4, "load_k3": t6 - t5,
                   "same_object": first is again}))
 """
 
@@ -133,15 +202,21 @@ def load_cost(runs: int) -> dict[str, Any]:
     """Start-up figures from fresh processes (median of ``runs``)."""
     samples = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", _LOAD_PROBE], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", _LOAD_PROBE], capture_output=True, text=True, check=True
+        ).stdout
         samples.append(json.loads(out.strip().splitlines()[-1]))
     result: dict[str, Any] = {
         key: statistics.median(s[key] for s in samples)
-        for key in samples[0] if key != "same_object"
+        for key in samples[0]
+        if key != "same_object"
     }
     result["same_object"] = all(s["same_object"] for s in samples)
     return result
+
+
+def fmt_t(seconds: float) -> str:
+    return fmt_us(seconds * 1e6)
 
 
 def run(*, tiny: bool = False) -> dict[str, Any]:
@@ -162,26 +237,34 @@ def run(*, tiny: bool = False) -> dict[str, Any]:
         timings[tokenizer] = (statistics.median(samples), max(samples), estimate.tokens)
     load = load_cost(1 if tiny else 5)
     rows = [
-        [name, f"{count:,}", fmt_s(median), fmt_s(worst),
-         f"{count / median / 1e6:.1f} M tokens/s"]
+        [name, f"{count:,}", fmt_t(median), fmt_t(worst), f"{count / median / 1e6:.1f} M tokens/s"]
         for name, (median, worst, count) in timings.items()
     ]
-    text = "\n\n".join([
-        f"Prompt: {chars:,} characters of generated English, Chinese and Python in 4 messages, "
-        f"{tokens:,} Kimi K2 tokens; median of {runs} counts.",
-        table(["counter", "tokens counted", "median", "worst", "throughput"], rows),
-        table(
-            ["start-up (fresh process, median)", "time"],
-            [
-                ["import kimi_budget._tokens", fmt_s(load["import"])],
-                ["load the Kimi K2 vocabulary (first use)", fmt_s(load["load_k2"])],
-                ["first count after loading", fmt_s(load["first_count"])],
-                ["second load_tokenizer() + count (cached: same object "
-                 f"{'yes' if load['same_object'] else 'NO'})", fmt_s(load["second_load_and_count"])],
-                ["load the Kimi K3 vocabulary", fmt_s(load["load_k3"])],
-            ],
-        ),
-    ])
+    text = "\n\n".join(
+        [
+            f"Prompt: {chars:,} characters of generated English, Chinese and Python in 4 messages, "
+            f"{tokens:,} Kimi K2 tokens; median of {runs} counts.",
+            table(["counter", "tokens counted", "median", "worst", "throughput"], rows),
+            table(
+                ["start-up (fresh process, median)", "time"],
+                [
+                    ["import kimi_budget (the package; imports openai)", fmt_t(load["package"])],
+                    ["then import kimi_budget._tokens", fmt_t(load["import"])],
+                    [
+                        "load the Kimi K2 vocabulary (load_tokenizer, first use)",
+                        fmt_t(load["load_k2"]),
+                    ],
+                    ["first count of a one-word request after loading", fmt_t(load["first_count"])],
+                    [
+                        "load_tokenizer() again + a count (same object: "
+                        f"{'yes' if load['same_object'] else 'NO'})",
+                        fmt_t(load["second_load_and_count"]),
+                    ],
+                    ["load the Kimi K3 vocabulary", fmt_t(load["load_k3"])],
+                ],
+            ),
+        ]
+    )
     return {"tokens": tokens, "timings": timings, "load": load, "text": text}
 
 

@@ -34,5 +34,7 @@ def moonshot(**standin_options: Any) -> Iterator[dict[str, Any]]:
         from kimi_budget.testing import MoonshotStandIn
 
         with MoonshotStandIn(**standin_options) as server:
-            print(f"(offline: no MOONSHOT_API_KEY, so calls go to a local stand-in at {server.base_url})")
+            print(
+                f"(offline: no MOONSHOT_API_KEY; calls go to a local stand-in at {server.base_url})"
+            )
             yield {"api_key": "sk-offline-example", "base_url": server.base_url, "ledger": ledger}

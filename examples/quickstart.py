@@ -46,8 +46,10 @@ def main() -> None:
             if cap.window == "per_call":
                 print(f"per-call cap ${cap.limit_usd}: no single call may risk more")
             else:
-                print(f"{cap.window} cap ${cap.limit_usd}: ${cap.spent_usd} spent, "
-                      f"${cap.remaining_usd} left, resets {cap.resets_at:%Y-%m-%d %H:%M} UTC")
+                print(
+                    f"{cap.window} cap ${cap.limit_usd}: ${cap.spent_usd} spent, "
+                    f"${cap.remaining_usd} left, resets {cap.resets_at:%Y-%m-%d %H:%M} UTC"
+                )
         print("ledger:", client.ledger.path)
         client.close()
 

@@ -31,8 +31,8 @@ def show(client: OpenAI, what: str) -> None:
 
 
 def main() -> None:
-    # The stand-in sends one chunk every 20 ms, as a real stream arrives over time.
-    with moonshot(chunk_delay=0.02) as connection:
+    # The stand-in sends one chunk every 5 ms, as a real stream arrives over time.
+    with moonshot(chunk_delay=0.005) as connection:
         client = OpenAI(**connection, budget=Budget(daily="1"), tags={"example": "streaming"})
 
         stream = client.chat.completions.create(

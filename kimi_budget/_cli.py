@@ -35,8 +35,8 @@ __all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 NO_KEY_HELP = (
-    "no API key: set MOONSHOT_API_KEY (export MOONSHOT_API_KEY=sk-...; create a key at "
-    "https://platform.moonshot.ai/console/api-keys). OPENAI_API_KEY works too."
+    "no API key: set MOONSHOT_API_KEY (export MOONSHOT_API_KEY=sk-...; keys are made in the "
+    "console of https://platform.moonshot.ai). OPENAI_API_KEY works too."
 )
 
 
@@ -62,9 +62,7 @@ def _user_errors() -> Iterator[None]:
     from ._exceptions import KimiBudgetError
     from ._guard import redact
 
-    secrets = tuple(
-        os.environ.get(name, "") for name in ("MOONSHOT_API_KEY", "OPENAI_API_KEY")
-    )
+    secrets = tuple(os.environ.get(name, "") for name in ("MOONSHOT_API_KEY", "OPENAI_API_KEY"))
     try:
         yield
     except UserError:
@@ -93,7 +91,10 @@ class _Group(click.Group):
     """Turns user errors from parsing or from any command into one line and exit status 2."""
 
     def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
         with _user_errors():
@@ -200,13 +201,21 @@ def _print_json(data: Any) -> None:
 # -- the commands --------------------------------------------------------------------------------
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    name="kimi-budget",
+    cls=_Group,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="kimi-budget", prog_name="kimi-budget")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """A hard cap on what Moonshot's Kimi API can cost you: spend, budgets, prices, demo.
 
     Start with `kimi-budget demo` (offline, no key needed).
     """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @cli.command()
@@ -379,10 +388,10 @@ def estimate(
         body["max_tokens"] = max_tokens
     prices = resolve_prices(None, None, _config())
     if body["model"] not in prices:
+        known = ", ".join(sorted(prices.models))
         raise UserError(
-            f"no price for model {body['model']!r}; known models: {', '.join(sorted(prices.models))}. "
-            f"Add one in a price file (KIMI_BUDGET_PRICES) or a [prices.\"{body['model']}\"] table "
-            f"in kimi-budget.toml."
+            f"no price for model {body['model']!r}; known models: {known}. Add one in a price "
+            f'file (KIMI_BUDGET_PRICES) or a [prices."{body["model"]}"] table in kimi-budget.toml.'
         )
     result = rp.estimate_request(body, prices)
     if as_json:
@@ -416,7 +425,8 @@ def estimate(
         [
             "worst case",
             f"{rp.dollars(result.projected_nanos)} (all input at the cache-miss price "
-            f"${rp.per_million(price.cache_miss)}/M, full output at ${rp.per_million(price.output)}/M)",
+            f"${rp.per_million(price.cache_miss)}/M, full output at "
+            f"${rp.per_million(price.output)}/M)",
         ],
     ]
     click.echo(rp.table(["", ""], rows).split("\n", 1)[1])
@@ -432,7 +442,7 @@ def prices(ledger_option: Path | None, as_json: bool, as_csv: bool) -> None:
 
     mode = _output_mode(as_json, as_csv)
     table = resolve_prices(None, None, _config())
-    entries = [
+    entries: list[dict[str, Any]] = [
         {
             "model": p.model,
             "cache_hit": rp.per_million(p.cache_hit),
@@ -458,7 +468,7 @@ def prices(ledger_option: Path | None, as_json: bool, as_csv: bool) -> None:
             f"${e['cache_hit']}",
             f"${e['cache_miss']}",
             f"${e['output']}",
-            rp.tokens(int(e["context_window"])),
+            rp.tokens(e["context_window"]),
             e["tokenizer"],
             "built in" if e["source"] == BUILTIN_SOURCE else e["source"],
         ]
@@ -512,11 +522,11 @@ def balance(base_url: str | None, ledger_option: Path | None, as_json: bool) -> 
         )
         return
     rows = [
-        ["available", format(result.available, "f"), result.currency],
-        ["  voucher", format(result.voucher, "f"), result.currency],
-        ["  cash", format(result.cash, "f"), result.currency],
+        ["available", f"{result.available:f} {result.currency}"],
+        ["  voucher", f"{result.voucher:f} {result.currency}"],
+        ["  cash", f"{result.cash:f} {result.currency}"],
     ]
-    click.echo(rp.table(["", "", ""], rows, right=(1,)).split("\n", 1)[1])
+    click.echo(rp.table(["", ""], rows, right=(1,)).split("\n", 1)[1])
 
 
 @cli.command()

@@ -15,7 +15,7 @@ import secrets
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -127,7 +127,7 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
             steps.append(step)
             return step
 
-        question = [{"role": "user", "content": "In one sentence: what does kimi-budget do?"}]
+        question: Any = [{"role": "user", "content": "In one sentence: what does kimi-budget do?"}]
         response = client.chat.completions.create(model=MODEL, messages=question, max_tokens=200)
         record("1. a normal call", response.choices[0].message.content)
 
@@ -143,10 +143,10 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
         for number, ask in ((1, "When are you open on Sunday?"), (2, "Do gift cards expire?")):
             client.chat.completions.create(
                 model=MODEL,
-                messages=[
-                    {"role": "system", "content": LONG_PREFIX},
-                    {"role": "user", "content": ask},
-                ],
+                messages=cast(
+                    Any,
+                    [{"role": "system", "content": LONG_PREFIX}, {"role": "user", "content": ask}],
+                ),
                 max_tokens=200,
             )
             label = "3. a long prompt" if number == 1 else "   the same prefix again"
@@ -170,8 +170,14 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
                 }
             )
             say(f"{'4. a call over the cap':<26} refused before sending ({sent} requests sent):")
-            say(textwrap.fill(f"BudgetExceededError: {exc}", width=100, initial_indent=" " * 27,
-                              subsequent_indent=" " * 27))
+            say(
+                textwrap.fill(
+                    f"BudgetExceededError: {exc}",
+                    width=100,
+                    initial_indent=" " * 27,
+                    subsequent_indent=" " * 27,
+                )
+            )
         else:  # pragma: no cover - the cap is sized so that this cannot happen
             raise RuntimeError("the demo's over-the-cap call was not refused")
 

@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
 
 from ._budget import (
     WINDOWS,
@@ -208,7 +209,7 @@ class Ledger:
         self._scope_cache: tuple[tuple[Any, ...], list[_Scope]] = ((), [])
         self._pid = os.getpid()
         self._conn = self._open()
-        self.db = sqlite_utils.Database(self._conn)
+        self._db: sqlite_utils.Database | None = None
         self._merge_fallback()
         # Reservations of processes that died are settled as soon as anyone opens the ledger.
         self.expire_stale()
@@ -308,8 +309,21 @@ class Ledger:
             self._pid = os.getpid()
             self._lock = threading.RLock()
             self._conn = self._open()
-            self.db = sqlite_utils.Database(self._conn)
+            self._db = None
         return self._conn
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The ledger as a ``sqlite_utils.Database`` on the same connection.
+
+        Made on first use: importing sqlite-utils costs ~30 ms that guarded calls never need.
+        """
+        conn = self.conn
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(conn)
+        return self._db
 
     def close(self) -> None:
         with self._lock:
@@ -876,9 +890,10 @@ def _tag_filter(tags: Mapping[str, str]) -> tuple[str, list[Any]]:
     where = ""
     params: list[Any] = []
     for key, value in tags.items():
-        if '"' in key:
-            # A SQLite JSON path cannot quote a double quote (doubling it is a path error, not
-            # an escape): compare the object's own keys instead, still bound parameters.
+        if json.dumps(key, ensure_ascii=False)[1:-1] != key:
+            # A SQLite JSON path cannot name a key that JSON escapes (", \, control
+            # characters): a quote is a path error, the rest match nothing. Compare the
+            # object's own keys instead, still as bound parameters.
             where += (
                 " AND EXISTS (SELECT 1 FROM json_each(tags) WHERE json_each.key = ? "
                 "AND json_each.value = ?)"

@@ -236,8 +236,10 @@ def build_report(
             )
         ]
     elif by == "total":
-        row = conn.execute(f"SELECT {_AGGREGATE} FROM calls WHERE {_SETTLED}{where}", params)
-        rows = [ReportRow.from_sql("total", row.fetchone())]
+        values = conn.execute(
+            f"SELECT {_AGGREGATE} FROM calls WHERE {_SETTLED}{where}", params
+        ).fetchone()
+        rows = [ReportRow.from_sql("total", values)]
     else:
         raise ValueError(f"--by must be day, week, month, model, tag:KEY or total, not {by!r}.")
     rows = [row for row in rows if row.calls]
@@ -358,7 +360,7 @@ def list_calls(
 def format_call(row: Mapping[str, Any], zone: ZoneInfo) -> str:
     """One call on one line, like ``llm logs``."""
     when = _parse_stored(row["created_at"]).astimezone(zone)
-    parts = [when.strftime("%Y-%m-%d %H:%M:%S"), f"{row['status']:<11}", row["model"]]
+    parts = [when.strftime("%Y-%m-%d %H:%M:%S"), f"{row['status']:<9}", row["model"]]
     if row["status"] == "pending":
         parts.append(f"in flight, ${row['projected_usd']} reserved")
     else:

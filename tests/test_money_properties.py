@@ -63,8 +63,16 @@ price = st.integers(min_value=0, max_value=10**6)  # nano-dollars per token
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(p=tokens, c=tokens, o=tokens, dp=st.integers(0, 10**6), do=st.integers(0, 10**6),
-       hit=price, miss=price, out=price)
+@given(
+    p=tokens,
+    c=tokens,
+    o=tokens,
+    dp=st.integers(0, 10**6),
+    do=st.integers(0, 10**6),
+    hit=price,
+    miss=price,
+    out=price,
+)
 def test_cost_is_never_negative_and_monotone(
     p: int, c: int, o: int, dp: int, do: int, hit: int, miss: int, out: int
 ) -> None:
@@ -73,8 +81,12 @@ def test_cost_is_never_negative_and_monotone(
 
     def cost(p: int, c: int, o: int) -> int:
         return call_cost_nanos(
-            prompt_tokens=p, cached_tokens=c, completion_tokens=o,
-            cache_hit=hit, cache_miss=miss, output=out,
+            prompt_tokens=p,
+            cached_tokens=c,
+            completion_tokens=o,
+            cache_hit=hit,
+            cache_miss=miss,
+            output=out,
         )
 
     base = cost(p, c, o)
@@ -147,7 +159,9 @@ def _matches(scope: dict[str, str], tags: dict[str, str]) -> bool:
     return all(tags.get(k) == v for k, v in scope.items())
 
 
-def recomputed(rows: list[dict[str, Any]], budget: kb.Budget, window: str, at: datetime) -> tuple[int, int]:
+def recomputed(
+    rows: list[dict[str, Any]], budget: kb.Budget, window: str, at: datetime
+) -> tuple[int, int]:
     """(spent, reserved) of ``budget``'s window holding ``at``, summed from the rows."""
     start, end = window_bounds(window, at, budget.tz)
     spent = reserved = 0
@@ -172,11 +186,20 @@ def rows_of(ledger: kb.Ledger) -> list[dict[str, Any]]:
 
 
 operation = st.one_of(
-    st.tuples(st.just("reserve"), st.integers(0, 4_000), st.integers(0, 5_000),
-              st.sampled_from(["a", "b"]), st.integers(0, 7_200)),
-    st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 5_000),
-              st.sampled_from(["ok", "error", "abandoned", "interrupted", "expired"]),
-              st.integers(0, 7_200)),
+    st.tuples(
+        st.just("reserve"),
+        st.integers(0, 4_000),
+        st.integers(0, 5_000),
+        st.sampled_from(["a", "b"]),
+        st.integers(0, 7_200),
+    ),
+    st.tuples(
+        st.just("settle"),
+        st.integers(0, 50),
+        st.integers(0, 5_000),
+        st.sampled_from(["ok", "error", "abandoned", "interrupted", "expired"]),
+        st.integers(0, 7_200),
+    ),
     st.tuples(st.just("advance"), st.integers(0, 3 * 86_400)),
 )
 
@@ -189,8 +212,9 @@ operation = st.one_of(
 @given(
     ops=st.lists(operation, min_size=1, max_size=40),
     tz=st.sampled_from(ZONES),
-    start=st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2027, 1, 1),
-                       timezones=st.just(UTC)),
+    start=st.datetimes(
+        min_value=datetime(2026, 1, 1), max_value=datetime(2027, 1, 1), timezones=st.just(UTC)
+    ),
     caps=st.tuples(*[st.integers(500, 20_000) for _ in WINDOWS]),
     team_cap=st.integers(500, 10_000),
 )
@@ -199,14 +223,18 @@ def test_window_totals_always_equal_the_rows(
 ) -> None:
     tried()
     now = [start]
-    everyone = kb.Budget(**{w: to_usd(c) for w, c in zip(WINDOWS, caps, strict=True)}, tz=tz)
+    hourly, daily, weekly, monthly, total = (to_usd(c) for c in caps)
+    everyone = kb.Budget(
+        hourly=hourly, daily=daily, weekly=weekly, monthly=monthly, total=total, tz=tz
+    )
     team_a = kb.Budget(daily=to_usd(team_cap), scope={"team": "a"}, tz="Asia/Shanghai")
     budgets = [everyone, team_a]
     reservations: list[Reservation] = []
     final: dict[str, str] = {}  # call_id -> status as the model expects it
-    with tempfile.TemporaryDirectory() as tmp, kb.Ledger(
-        Path(tmp) / "l.db", clock=lambda: now[0]
-    ) as ledger:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        kb.Ledger(Path(tmp) / "l.db", clock=lambda: now[0]) as ledger,
+    ):
         for op in ops:
             if op[0] == "advance":
                 now[0] += timedelta(seconds=op[1])
@@ -214,17 +242,24 @@ def test_window_totals_always_equal_the_rows(
             if op[0] == "reserve":
                 _, projected, prompt, team, ttl = op
                 res = Reservation(
-                    call_id=f"c{len(reservations)}-{projected}", model="kimi-k2.5",
-                    tags={"team": team}, created_at=now[0],
-                    expires_at=now[0] + timedelta(seconds=ttl), projected_nanos=projected,
-                    prompt_estimate=prompt % 7, price_cache_hit=100, price_cache_miss=600,
+                    call_id=f"c{len(reservations)}-{projected}",
+                    model="kimi-k2.5",
+                    tags={"team": team},
+                    created_at=now[0],
+                    expires_at=now[0] + timedelta(seconds=ttl),
+                    projected_nanos=projected,
+                    prompt_estimate=prompt % 7,
+                    price_cache_hit=100,
+                    price_cache_miss=600,
                     price_output=3000,
                 )
                 ledger.expire_stale()  # so that the rows below are what reserve() will see
                 rows = rows_of(ledger)
                 fits = all(
                     sum(recomputed(rows, b, w, now[0])) + projected <= b.caps_nanos[w]
-                    for b in budgets if b.applies_to(res.tags) for w in b.windows
+                    for b in budgets
+                    if b.applies_to(res.tags)
+                    for w in b.windows
                 )
                 try:
                     ledger.reserve(res, budgets)
@@ -243,22 +278,38 @@ def test_window_totals_always_equal_the_rows(
                 res = reservations[which % len(reservations)]
                 ledger.expire_stale()
                 was = {r["call_id"]: r["status"] for r in rows_of(ledger)}[res.call_id]
-                done = ledger.settle(Settlement(
-                    reservation=res, status=status, prompt_tokens=cost, cached_tokens=0,
-                    completion_tokens=0, cost_nanos=cost, estimated=False, attempts=1,
-                    finished_at=now[0],
-                ))
+                done = ledger.settle(
+                    Settlement(
+                        reservation=res,
+                        status=status,
+                        prompt_tokens=cost,
+                        cached_tokens=0,
+                        completion_tokens=0,
+                        cost_nanos=cost,
+                        estimated=False,
+                        attempts=1,
+                        finished_at=now[0],
+                    )
+                )
                 expected = was == "pending" or (was == "expired" and status != "expired")
                 assert done == expected, (was, status)
             check_totals(ledger, budgets, now[0])
 
         # Settle whatever is left: nothing may stay reserved, and spend() is the rows' sum.
         for res in reservations:
-            ledger.settle(Settlement(
-                reservation=res, status="ok", prompt_tokens=1, cached_tokens=0,
-                completion_tokens=0, cost_nanos=600, estimated=False, attempts=1,
-                finished_at=now[0],
-            ))
+            ledger.settle(
+                Settlement(
+                    reservation=res,
+                    status="ok",
+                    prompt_tokens=1,
+                    cached_tokens=0,
+                    completion_tokens=0,
+                    cost_nanos=600,
+                    estimated=False,
+                    attempts=1,
+                    finished_at=now[0],
+                )
+            )
         check_totals(ledger, budgets, now[0])
         rows = rows_of(ledger)
         assert all(r["status"] != "pending" for r in rows)
@@ -286,7 +337,12 @@ def check_totals(ledger: kb.Ledger, budgets: list[kb.Budget], at: datetime) -> N
         instants = {parse_utc(r["created_at"]) for r in rows} | {at}
         for window in budget.windows:
             for instant in instants:
-                key = (budget.scope_key, budget.tz_name, window, window_key(window, instant, budget.tz))
+                key = (
+                    budget.scope_key,
+                    budget.tz_name,
+                    window,
+                    window_key(window, instant, budget.tz),
+                )
                 if key not in by_key:
                     # Never registered or never written: only right if the rows sum to zero.
                     assert recomputed(rows, budget, window, instant) == (0, 0), key
@@ -303,18 +359,32 @@ def test_reserve_then_settle_leaves_totals_exact(ledger_path: Path) -> None:
         costs = [123_456_789, 1, 0]
         for n, cost in enumerate(costs):
             res = Reservation(
-                call_id=f"x{n}", model="kimi-k2.5", tags={}, created_at=now,
-                expires_at=now + timedelta(hours=1), projected_nanos=200_000_000,
-                prompt_estimate=0, price_cache_hit=100, price_cache_miss=600, price_output=3000,
+                call_id=f"x{n}",
+                model="kimi-k2.5",
+                tags={},
+                created_at=now,
+                expires_at=now + timedelta(hours=1),
+                projected_nanos=200_000_000,
+                prompt_estimate=0,
+                price_cache_hit=100,
+                price_cache_miss=600,
+                price_output=3000,
             )
             ledger.reserve(res, [budget])
-            ledger.settle(Settlement(
-                reservation=res, status="ok", prompt_tokens=0, cached_tokens=0,
-                completion_tokens=0, cost_nanos=cost, estimated=False, attempts=1,
-                finished_at=now,
-            ))
+            ledger.settle(
+                Settlement(
+                    reservation=res,
+                    status="ok",
+                    prompt_tokens=0,
+                    cached_tokens=0,
+                    completion_tokens=0,
+                    cost_nanos=cost,
+                    estimated=False,
+                    attempts=1,
+                    finished_at=now,
+                )
+            )
         for status in ledger.status(budget):
             assert status.spent_usd == Decimal("0.12345679"), status
             assert status.reserved_usd == 0
             assert status.remaining_usd == Decimal("0.87654321")
-

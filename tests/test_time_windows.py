@@ -8,6 +8,7 @@ under test.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -26,6 +27,7 @@ from kimi_budget.testing import MoonshotStandIn
 
 UTC = timezone.utc
 NANO = timedelta(microseconds=1)
+PROPERTY_EXAMPLES = 3000 if os.environ.get("KB_STRESS_SIZE", "").lower() == "full" else 300
 USD = 10**9  # nano-dollars
 
 
@@ -135,7 +137,7 @@ def test_a_daily_cap_resets_at_local_midnight(
     clock.set(first)
     today = window(ledger, budget, "daily")
     assert (today.start, today.resets_at) == (first, end)
-    assert (today.spent_usd, today.reserved_usd) == (0, 0)
+    assert (today.spent_usd, today.reserved_usd) == (Decimal(0), Decimal(0))
 
     clock.set(end - NANO)
     spend(ledger, budget, USD)  # the whole cap, on the day's last microsecond
@@ -203,6 +205,7 @@ def test_a_weekly_cap_resets_on_monday_midnight(
     clock.set(last_sunday)
     assert clock().astimezone(ZoneInfo(tz)).strftime("%a") == "Sun"
     week = window(ledger, budget, "weekly")
+    assert week.start is not None and week.resets_at is not None
     assert week.resets_at == utc(next_monday_utc)
     assert week.resets_at - week.start == timedelta(hours=hours)
     assert week.start.astimezone(ZoneInfo(tz)).strftime("%a %H:%M") == "Mon 00:00"
@@ -232,6 +235,7 @@ def test_a_monthly_cap_resets_at_the_first_local_midnight_of_the_month(
     budget = kb.Budget(monthly="3", daily="3", tz=tz)
     clock.set(last_instant)
     month = window(ledger, budget, "monthly")
+    assert month.start is not None and month.resets_at is not None
     assert month.resets_at == clock() + NANO
     assert month.resets_at - month.start == timedelta(hours=hours_in_month)
     assert month.start.astimezone(ZoneInfo(tz)).day == 1
@@ -252,7 +256,10 @@ def test_the_repeated_hour_of_a_fall_back_night_is_two_hourly_windows(
     budget = kb.Budget(hourly="1", daily="10", tz="Europe/Berlin")
     clock.set("2026-10-25T00:30:00Z")  # 02:30 CEST
     first = window(ledger, budget, "hourly")
-    assert (first.start, first.resets_at) == (utc("2026-10-25T00:00:00Z"), utc("2026-10-25T01:00:00Z"))
+    assert (first.start, first.resets_at) == (
+        utc("2026-10-25T00:00:00Z"),
+        utc("2026-10-25T01:00:00Z"),
+    )
     spend(ledger, budget, USD)
     with pytest.raises(kb.BudgetExceededError):
         reserve(ledger, budget, 1)
@@ -281,15 +288,15 @@ def test_a_call_counts_in_the_window_it_was_reserved_in(ledger: kb.Ledger, clock
     assert window(ledger, budget, "daily").reserved_usd == 1
     clock.set("2026-03-28T23:00:01Z")
     today = window(ledger, budget, "daily")
-    assert (today.spent_usd, today.reserved_usd) == (0, 0)
+    assert (today.spent_usd, today.reserved_usd) == (Decimal(0), Decimal(0))
     assert window(ledger, budget, "monthly").reserved_usd == 1
     settle(ledger, res, USD // 2)
     month = window(ledger, budget, "monthly")
-    assert (month.spent_usd, month.reserved_usd) == (Decimal("0.5"), 0)
+    assert (month.spent_usd, month.reserved_usd) == (Decimal("0.5"), Decimal(0))
     assert window(ledger, budget, "daily").spent_usd == 0
     clock.set("2026-03-28T22:00:00Z")
     yesterday = window(ledger, budget, "daily")
-    assert (yesterday.spent_usd, yesterday.reserved_usd) == (Decimal("0.5"), 0)
+    assert (yesterday.spent_usd, yesterday.reserved_usd) == (Decimal("0.5"), Decimal(0))
 
 
 def test_the_total_cap_never_resets(ledger: kb.Ledger, clock: Clock) -> None:
@@ -309,9 +316,7 @@ def test_budgets_in_two_zones_share_a_ledger(ledger: kb.Ledger, clock: Clock) ->
     london = kb.Budget(daily="1", tz="Europe/London")
     clock.set("2026-07-01T15:30:00Z")
     res = reserve(ledger, shanghai, USD // 2)
-    ledger.reserve(
-        Reservation(**{**_fields(res), "call_id": "both"}), [shanghai, london]
-    )
+    ledger.reserve(Reservation(**{**_fields(res), "call_id": "both"}), [shanghai, london])
     settle(ledger, res, USD // 2)
     clock.set("2026-07-01T16:30:00Z")
     assert window(ledger, shanghai, "daily").reserved_usd == 0
@@ -335,6 +340,22 @@ def _fields(res: Reservation) -> dict[str, Any]:
 
 # -- window arithmetic, for any instant in awkward zones ---------------------------------------
 
+_tally = {"examples": 0}
+
+
+def tried() -> None:
+    _tally["examples"] += 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _report_examples() -> Iterator[None]:
+    yield
+    target = os.environ.get("KB_FUZZ_TALLY")
+    if target:  # tests/stress/run.py counts the examples hypothesis tried
+        with open(target, "a", encoding="utf-8") as out:
+            out.write(f"{__name__} {_tally['examples']}\n")
+
+
 ZONES = [
     "UTC",
     "Asia/Shanghai",
@@ -351,9 +372,10 @@ instants = st.datetimes(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None)
 @given(instant=instants, tz_name=st.sampled_from(ZONES))
 def test_calendar_windows_start_at_local_midnight(instant: datetime, tz_name: str) -> None:
+    tried()
     tz = ZoneInfo(tz_name)
     local = instant.astimezone(tz)
     for name in ("daily", "weekly", "monthly"):
@@ -373,9 +395,10 @@ def test_calendar_windows_start_at_local_midnight(instant: datetime, tz_name: st
         assert window_key(name, instant, tz) == format_utc(start)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None)
 @given(instant=instants, tz_name=st.sampled_from(ZONES))
 def test_hourly_windows_hold_their_instant(instant: datetime, tz_name: str) -> None:
+    tried()
     tz = ZoneInfo(tz_name)
     start, end = window_bounds("hourly", instant, tz)
     assert start <= instant < end and end - start == timedelta(hours=1)

@@ -65,9 +65,30 @@ def current_size() -> Size:
 # -- the plan: what call number i sends ------------------------------------------------------
 
 _WORDS = (
-    "ledger budget window reserve settle token cache prompt stream usage retry cap moonshot "
-    "kimi process thread asyncio sqlite journal checkpoint refusal projection overshoot"
-).split()
+    "ledger",
+    "budget",
+    "window",
+    "reserve",
+    "settle",
+    "token",
+    "cache",
+    "prompt",
+    "stream",
+    "usage",
+    "retry",
+    "cap",
+    "moonshot",
+    "kimi",
+    "process",
+    "thread",
+    "asyncio",
+    "sqlite",
+    "journal",
+    "checkpoint",
+    "refusal",
+    "projection",
+    "overshoot",
+)
 
 
 def _system_prompt(k: int) -> str:
@@ -83,9 +104,11 @@ def plan_call(seed: int, i: int) -> dict[str, Any]:
     """The keyword arguments of call number ``i`` (deterministic in ``seed`` and ``i``)."""
     rng = random.Random(f"{seed}:{i}")
     model = rng.choices(MODELS, weights=(6, 3, 1))[0]
-    question = {"role": "user", "content": f"Question {i}: " + " ".join(
-        rng.choice(_WORDS) for _ in range(rng.randint(1, 40))
-    )}
+    question = {
+        "role": "user",
+        "content": f"Question {i}: "
+        + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 40))),
+    }
     messages: list[dict[str, Any]] = [question]
     if rng.random() < 0.5:
         # A shared long system prompt: repeated prefixes become cache hits on the stand-in.
@@ -107,7 +130,9 @@ def plan_call(seed: int, i: int) -> dict[str, Any]:
 # -- workers -----------------------------------------------------------------------------------
 
 
-def spawn_worker(config: Mapping[str, Any], *, stdout: Any = subprocess.DEVNULL) -> subprocess.Popen[str]:
+def spawn_worker(
+    config: Mapping[str, Any], *, stdout: Any = subprocess.DEVNULL
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KIMI_BUDGET_", "MOONSHOT_"))}
     env["PYTHONHASHSEED"] = "0"
     return subprocess.Popen(
@@ -121,7 +146,8 @@ def spawn_worker(config: Mapping[str, Any], *, stdout: Any = subprocess.DEVNULL)
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text("utf-8"))
+    data: dict[str, Any] = json.loads(path.read_text("utf-8"))
+    return data
 
 
 # -- reading a ledger without the library ------------------------------------------------------
@@ -164,7 +190,7 @@ def priced(usage: Mapping[str, int] | None, row: Mapping[str, Any]) -> int:
     if not usage:
         return 0
     prompt, cached = usage["prompt_tokens"], usage.get("cached_tokens", 0)
-    return (
+    return int(
         (prompt - cached) * row["price_cache_miss"]
         + cached * row["price_cache_hit"]
         + usage["completion_tokens"] * row["price_output"]
@@ -247,7 +273,7 @@ def measure_reply_tokens(base_url: str) -> int:
             model="kimi-k2.5", messages=[{"role": "user", "content": "x"}], max_tokens=4000
         )
     assert resp.usage is not None
-    return resp.usage.completion_tokens
+    return int(resp.usage.completion_tokens)
 
 
 def run_concurrency(
@@ -307,12 +333,22 @@ def run_concurrency(
         started = time.perf_counter()
         for p in range(size.processes):
             out = workdir / f"sync-{p}.json"
-            cfg = {**common, "mode": "threads", "threads": size.threads,
-                   "ids": sync_ids[p :: size.processes], "out": str(out)}
+            cfg = {
+                **common,
+                "mode": "threads",
+                "threads": size.threads,
+                "ids": sync_ids[p :: size.processes],
+                "out": str(out),
+            }
             jobs.append((spawn_worker(cfg), out))
         out = workdir / "async.json"
-        cfg = {**common, "mode": "async", "concurrency": size.async_concurrency,
-               "ids": async_ids, "out": str(out)}
+        cfg = {
+            **common,
+            "mode": "async",
+            "concurrency": size.async_concurrency,
+            "ids": async_ids,
+            "out": str(out),
+        }
         jobs.append((spawn_worker(cfg), out))
         results: list[dict[str, Any]] = []
         warnings_seen: list[str] = []
@@ -348,7 +384,9 @@ def _judge_concurrency(
     problems: list[str] = []
     outcomes = Counter(r["outcome"] for r in results)
     report.ok, report.errors, report.refused = (
-        outcomes["ok"], outcomes["error"], outcomes["refused"]
+        outcomes["ok"],
+        outcomes["error"],
+        outcomes["refused"],
     )
     if len(results) != report.calls or len({r["id"] for r in results}) != report.calls:
         problems.append(f"{len(results)} outcomes reported for {report.calls} planned calls")
@@ -357,7 +395,9 @@ def _judge_concurrency(
         if "locked" in text.lower() or r.get("type") == "LedgerError":
             problems.append(f"call {r['id']} saw the ledger locked: {text}")
         elif r["outcome"] == "error" and r.get("type") not in (
-            "RateLimitError", "InternalServerError", "APIStatusError"
+            "RateLimitError",
+            "InternalServerError",
+            "APIStatusError",
         ):
             # Only the stand-in's retryable errors, after the retries ran out, may reach a caller.
             problems.append(f"call {r['id']} failed unexpectedly: {text}")
@@ -408,7 +448,9 @@ def _judge_concurrency(
         row = got[0]
         seen = reqs.get(r["id"], [])
         if row["attempts"] != len(seen):
-            problems.append(f"call {r['id']}: row says {row['attempts']} attempts, server saw {len(seen)}")
+            problems.append(
+                f"call {r['id']}: row says {row['attempts']} attempts, server saw {len(seen)}"
+            )
         if row["attempts"] > 1:
             report.retried_rows += 1
         owed = sum(priced(rec.usage, row) for rec in seen)
@@ -527,10 +569,15 @@ def run_crashes(size: Size, workdir: Path, *, seed: int = 7) -> CrashReport:
             "margin": 0.0,
         }
         steady_out = workdir / "steady.json"
-        steady = spawn_worker({
-            **common, "mode": "threads", "threads": 2, "out": str(steady_out),
-            "ids": list(range(1_000_000, 1_000_000 + size.steady_calls)),
-        })
+        steady = spawn_worker(
+            {
+                **common,
+                "mode": "threads",
+                "threads": 2,
+                "out": str(steady_out),
+                "ids": list(range(1_000_000, 1_000_000 + size.steady_calls)),
+            }
+        )
         schedule = [p for p in POINTS for _ in range(size.kills_per_point)]
         schedule += ["random"] * size.random_kills
         rng.shuffle(schedule)
@@ -602,7 +649,11 @@ def _judge_crashes(
         report.steady_calls = len(steady["calls"])
         for r in steady["calls"]:
             text = f"{r.get('type')}: {r.get('message')}"
-            if r["outcome"] == "refused" or "locked" in text.lower() or r.get("type") == "LedgerError":
+            if (
+                r["outcome"] == "refused"
+                or "locked" in text.lower()
+                or r.get("type") == "LedgerError"
+            ):
                 problems.append(f"steady call {r['id']} hurt by the crashes: {text}")
         problems += [f"steady worker warned: {w}" for w in steady["warnings"]]
 
@@ -657,7 +708,7 @@ def _judge_crashes(
     problems += check_totals(ledger, "UTC", ["daily", "total"])
     # The budget is whole again: exactly the headroom left can be reserved, not a nano more.
     with kb.Ledger(ledger) as after:
-        caps = kb.Budget(**budget)
+        caps = kb.Budget(daily=budget["daily"], total=budget["total"])
         status = {s.window: s for s in after.status(caps)}
         spent = sum(r["cost_nanos"] for r in rows)
         total = status["total"]
@@ -665,14 +716,23 @@ def _judge_crashes(
             problems.append(f"total window after recovery: {total}")
         headroom = int((total.limit_usd - total.spent_usd) * 10**9)
         daily = status["daily"]
-        headroom = min(headroom, int((daily.limit_usd - daily.spent_usd - daily.reserved_usd) * 10**9))
+        headroom = min(
+            headroom, int((daily.limit_usd - daily.spent_usd - daily.reserved_usd) * 10**9)
+        )
 
         def probe(projected: int, n: int) -> Reservation:
             t = after.clock()
             return Reservation(
-                call_id=f"probe-{n}", model="kimi-k2.5", tags={CALL_TAG: str(-n)},
-                created_at=t, expires_at=t + timedelta(minutes=5), projected_nanos=projected,
-                prompt_estimate=0, price_cache_hit=100, price_cache_miss=600, price_output=3000,
+                call_id=f"probe-{n}",
+                model="kimi-k2.5",
+                tags={CALL_TAG: str(-n)},
+                created_at=t,
+                expires_at=t + timedelta(minutes=5),
+                projected_nanos=projected,
+                prompt_estimate=0,
+                price_cache_hit=100,
+                price_cache_miss=600,
+                price_output=3000,
             )
 
         try:

@@ -26,11 +26,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h  # type: ignore[import-not-found]
 
-import kimi_budget as kb  # noqa: E402
-from kimi_budget._ledger import Ledger  # noqa: E402
-from kimi_budget._retry import RetryPolicy  # noqa: E402
+import kimi_budget as kb
+from kimi_budget._ledger import Ledger
+from kimi_budget._retry import RetryPolicy
 
 # Stand-in errors say "try again after 0 seconds"; 500/503 back off briefly, still jittered.
 FAST_RETRY = RetryPolicy(initial_wait=0.02, max_backoff=0.2, jitter=0.1)
@@ -45,7 +45,9 @@ def _record_warning(message: Any, category: Any, *args: Any, **kwargs: Any) -> N
 
 
 def _budget(cfg: dict[str, Any]) -> kb.Budget:
-    caps = {k: cfg[k] for k in ("per_call", "hourly", "daily", "weekly", "monthly", "total") if k in cfg}
+    caps = {
+        k: cfg[k] for k in ("per_call", "hourly", "daily", "weekly", "monthly", "total") if k in cfg
+    }
     return kb.Budget(**caps)
 
 
@@ -77,7 +79,9 @@ def _outcome(i: int, exc: BaseException | None) -> dict[str, Any]:
     return {"id": i, "outcome": "error", "type": type(exc).__name__, "message": str(exc)[:500]}
 
 
-def _sync_call(client: kb.OpenAI, seed: int, i: int, on_chunk: Callable[[int], None] | None = None) -> None:
+def _sync_call(
+    client: kb.OpenAI, seed: int, i: int, on_chunk: Callable[[int], None] | None = None
+) -> None:
     body = h.plan_call(seed, i)
     tagged = client.with_options(tags={h.CALL_TAG: str(i)})
     headers = {h.CALL_HEADER: str(i)}
@@ -102,7 +106,7 @@ def run_threads(cfg: dict[str, Any]) -> None:
             try:
                 _sync_call(client, cfg["seed"], i)
                 outcome = _outcome(i, None)
-            except Exception as exc:  # noqa: BLE001 - every failure is reported and judged
+            except Exception as exc:
                 outcome = _outcome(i, exc)
             with lock:
                 results.append(outcome)
@@ -135,7 +139,7 @@ def run_async(cfg: dict[str, Any]) -> None:
                     else:
                         await tagged.chat.completions.create(**body, extra_headers=headers)
                     return _outcome(i, None)
-                except Exception as exc:  # noqa: BLE001 - reported and judged by the parent
+                except Exception as exc:
                     return _outcome(i, exc)
 
         try:
@@ -170,8 +174,9 @@ def run_crash(cfg: dict[str, Any]) -> None:
         stop_here("holding")
         stop_here("in-flight", wait=False)
 
-    def add_totals(self: Ledger, conn: Any, scopes: Any, tags: Any, instant: Any, *,
-                   spent: int, reserved: int) -> None:
+    def add_totals(
+        self: Ledger, conn: Any, scopes: Any, tags: Any, instant: Any, *, spent: int, reserved: int
+    ) -> None:
         original_add(self, conn, scopes, tags, instant, spent=spent, reserved=reserved)
         if reserved > 0 and spent == 0:
             stop_here("in-reserve")  # the row is inserted, the transaction not committed
@@ -190,6 +195,7 @@ def run_crash(cfg: dict[str, Any]) -> None:
     say("READY")
     i = cfg["first_id"]
     while True:
+
         def on_chunk(n: int) -> None:
             if n == 3:
                 stop_here("mid-stream", wait=False)
@@ -202,7 +208,7 @@ def run_crash(cfg: dict[str, Any]) -> None:
             _sync_call(client, cfg["seed"], i, on_chunk)
         except kb.KimiBudgetError as exc:
             say(f"ERROR {type(exc).__name__}: {exc}")
-        except Exception:  # noqa: BLE001, S110 - the stand-in's errors are expected here
+        except Exception:
             pass
         i += 1
 

@@ -1,0 +1,187 @@
+"""Throughput under contention: N processes reserving and settling on one ledger.
+
+Every process opens its own ``Ledger`` on the same file and, from a common start, runs
+reserve+settle cycles against a budget with every cap set for a fixed time. Reported: cycles
+per second in total, "database is locked" errors (and any other error), the latency of one
+cycle, and a check that the ledger is exact afterwards (one row per cycle, nothing pending,
+window totals equal to a scan of the rows).
+
+    python benchmarks/contention.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    CAPS,
+    MODEL,
+    TAGS,
+    Sample,
+    check_totals,
+    fmt_us,
+    make_budget,
+    remove_ledger,
+    scratch_dir,
+    table,
+)
+
+UTC = timezone.utc
+
+
+def _worker(path: str, seconds: float, barrier: Any, results: Any, worker: int) -> None:
+    import sqlite3
+
+    import kimi_budget as kb
+    from kimi_budget._ledger import Reservation, Settlement
+
+    ledger = kb.Ledger(path)
+    budgets = (make_budget(),)
+    tags = {**TAGS, "worker": str(worker)}
+    cycles = locked = other = 0
+    latencies: list[int] = []
+    first_error = ""
+    barrier.wait()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        now = datetime.now(UTC)
+        reservation = Reservation(
+            call_id=uuid.uuid4().hex,
+            model=MODEL,
+            tags=tags,
+            created_at=now,
+            expires_at=now + timedelta(seconds=660),
+            projected_nanos=250_000,
+            prompt_estimate=40,
+            price_cache_hit=100,
+            price_cache_miss=600,
+            price_output=3000,
+        )
+        started = time.perf_counter_ns()
+        try:
+            ledger.reserve(reservation, budgets)
+            ledger.settle(
+                Settlement(
+                    reservation=reservation,
+                    status="ok",
+                    prompt_tokens=40,
+                    cached_tokens=0,
+                    completion_tokens=35,
+                    cost_nanos=129_000,
+                    estimated=False,
+                    attempts=1,
+                    finished_at=datetime.now(UTC),
+                )
+            )
+        except (kb.LedgerError, sqlite3.Error) as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                locked += 1
+            else:
+                other += 1
+            first_error = first_error or f"{type(exc).__name__}: {exc}"
+            continue
+        latencies.append(time.perf_counter_ns() - started)
+        cycles += 1
+    ledger.close()
+    results.put((worker, cycles, locked, other, latencies, first_error))
+
+
+def run(
+    *, tiny: bool = False, processes: int | None = None, seconds: float | None = None
+) -> dict[str, Any]:
+    import kimi_budget as kb
+
+    processes = processes or (2 if tiny else 8)
+    seconds = seconds or (0.5 if tiny else 10.0)
+    path = scratch_dir() / f"contention-{os.getpid()}.db"
+    remove_ledger(path)
+    budget = make_budget()
+    with kb.Ledger(path) as ledger:
+        ledger.status(budget)  # register the budget before the workers start
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx: Any = mp.get_context(method)
+    barrier = ctx.Barrier(processes)
+    results = ctx.Queue()
+    workers = [
+        ctx.Process(target=_worker, args=(str(path), seconds, barrier, results, i))
+        for i in range(processes)
+    ]
+    for p in workers:
+        p.start()
+    outcomes = [results.get(timeout=seconds + 120) for _ in workers]
+    for p in workers:
+        p.join()
+    try:
+        with kb.Ledger(path) as ledger:
+            rows = ledger.conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+            pending = len(ledger.pending())
+            check_totals(ledger, budget)
+    finally:
+        remove_ledger(path)
+    cycles = sum(o[1] for o in outcomes)
+    locked = sum(o[2] for o in outcomes)
+    other = sum(o[3] for o in outcomes)
+    latency = Sample([v for o in outcomes for v in o[4]])
+    per_worker = sorted(o[1] for o in outcomes)
+    assert rows == cycles, f"{rows} rows for {cycles} cycles"
+    assert pending == 0, f"{pending} reservations left pending"
+    rate = cycles / seconds
+    errors = "; ".join(sorted({o[5] for o in outcomes if o[5]}))
+    text = "\n\n".join(
+        [
+            f"{processes} processes ({method}), {seconds:g} s each, one ledger (WAL), budget "
+            f"with {', '.join(CAPS)} caps; each cycle is a reserve and a settle (two write "
+            f"transactions).",
+            table(
+                [
+                    "processes",
+                    "cycles/s (total)",
+                    '"database is locked"',
+                    "other errors",
+                    "cycle median",
+                    "cycle p99",
+                    "cycle max",
+                    "cycles per process (min–max)",
+                ],
+                [
+                    [
+                        processes,
+                        f"{rate:,.0f}",
+                        locked,
+                        other,
+                        fmt_us(latency.median_us),
+                        fmt_us(latency.p99_us),
+                        fmt_us(max(latency.values, default=0) / 1000),
+                        f"{per_worker[0]:,}–{per_worker[-1]:,}",
+                    ]
+                ],
+            ),
+            f"Afterwards: {rows:,} rows = {cycles:,} cycles, {pending} pending, window totals "
+            f"equal to a scan of the rows." + (f" Errors: {errors}" if errors else ""),
+        ]
+    )
+    return {
+        "processes": processes,
+        "rate": rate,
+        "locked": locked,
+        "other": other,
+        "latency": latency,
+        "text": text,
+    }
+
+
+def main() -> None:
+    print(run(tiny="--tiny" in sys.argv)["text"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Where a guarded call's added time goes: every SQL statement of the ledger, timed inside real
+calls (caches as cold as they really are between two HTTP round trips), and the same
+statements run back to back for comparison.
+
+    python benchmarks/profile_call.py [--tiny]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    MESSAGES,
+    MODEL,
+    TAGS,
+    check_totals,
+    fmt_us,
+    ledger_copy,
+    make_budget,
+    remove_ledger,
+    standin,
+    table,
+)
+
+KEY = "sk-bench-0000000000000000"
+UTC = timezone.utc
+
+
+class _TimedConnection:
+    """Stands in for the ledger's sqlite3 connection and times each statement."""
+
+    def __init__(self, conn: Any, timings: dict[str, list[int]]) -> None:
+        self._conn = conn
+        self._timings = timings
+
+    def _label(self, sql: str, many: bool) -> str:
+        words = sql.split()
+        label = " ".join(words[:3]) if words[0] != "SELECT" else f"SELECT … FROM {_table(words)}"
+        return ("executemany " if many else "") + label
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        started = time.perf_counter_ns()
+        cursor = self._conn.execute(sql, *args)
+        self._timings[self._label(sql, False)].append(time.perf_counter_ns() - started)
+        return cursor
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        started = time.perf_counter_ns()
+        cursor = self._conn.executemany(sql, *args)
+        self._timings[self._label(sql, True)].append(time.perf_counter_ns() - started)
+        return cursor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _table(words: list[str]) -> str:
+    return words[words.index("FROM") + 1] if "FROM" in words else "?"
+
+
+def _back_to_back(ledger: Any, budget: Any, cycles: int) -> None:
+    from kimi_budget._ledger import Reservation, Settlement
+
+    for _ in range(cycles):
+        now = datetime.now(UTC)
+        reservation = Reservation(
+            call_id=uuid.uuid4().hex,
+            model=MODEL,
+            tags=TAGS,
+            created_at=now,
+            expires_at=now + timedelta(seconds=660),
+            projected_nanos=250_000,
+            prompt_estimate=40,
+            price_cache_hit=100,
+            price_cache_miss=600,
+            price_output=3000,
+        )
+        ledger.reserve(reservation, (budget,))
+        ledger.settle(
+            Settlement(
+                reservation=reservation,
+                status="ok",
+                prompt_tokens=40,
+                cached_tokens=0,
+                completion_tokens=35,
+                cost_nanos=129_000,
+                estimated=False,
+                attempts=1,
+                finished_at=datetime.now(UTC),
+            )
+        )
+
+
+def run(*, tiny: bool = False, rows: int | None = None, calls: int | None = None) -> dict[str, Any]:
+    import kimi_budget as kb
+
+    rows = rows or (1_000 if tiny else 1_000_000)
+    calls = calls or (30 if tiny else 1_000)
+    path = ledger_copy(rows, "profile")
+    ledger: Any = kb.Ledger(path)  # Any: its connection is swapped for a timing proxy
+    budget = make_budget()
+    in_calls: dict[str, list[int]] = defaultdict(list)
+    b2b: dict[str, list[int]] = defaultdict(list)
+    try:
+        check_totals(ledger, budget)
+        with standin(stream_chunks=200) as url:
+            client = kb.OpenAI(api_key=KEY, base_url=url, ledger=ledger, budget=budget, tags=TAGS)
+            for _ in range(20):
+                client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
+            real = ledger._conn
+            ledger._conn = _TimedConnection(real, in_calls)
+            try:
+                for _ in range(calls):
+                    client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
+                ledger._conn = _TimedConnection(real, b2b)
+                _back_to_back(ledger, budget, calls)
+            finally:
+                ledger._conn = real
+            client.close()
+    finally:
+        ledger.close()
+        remove_ledger(path)
+    out_rows = []
+    total_in = total_b2b = 0.0
+    for label, values in in_calls.items():
+        per_call = len(values) / calls
+        med_in = statistics.median(values) / 1000
+        med_b2b = statistics.median(b2b[label]) / 1000 if b2b.get(label) else float("nan")
+        total_in += med_in * per_call
+        total_b2b += med_b2b * per_call
+        out_rows.append([label, f"{per_call:g}", fmt_us(med_in), fmt_us(med_b2b)])
+    out_rows.append(["all ledger SQL of one call", "", fmt_us(total_in), fmt_us(total_b2b)])
+    text = "\n\n".join(
+        [
+            f"Ledger: {rows:,} rows; {calls:,} guarded small calls, then {calls:,} reserve+settle "
+            f"cycles back to back; median per statement.",
+            table(
+                ["statement", "per call", "inside real calls", "back to back"],
+                out_rows,
+            ),
+            "A guarded call makes two short write transactions (reserve, settle). Between "
+            "them the HTTP stack, pydantic and the SDK run, so the same SQLite and Python code "
+            "runs with cold CPU caches: each statement costs about twice its back-to-back time.",
+        ]
+    )
+    return {"in_calls": total_in, "b2b": total_b2b, "text": text}
+
+
+def main() -> None:
+    print(run(tiny="--tiny" in sys.argv)["text"])
+
+
+if __name__ == "__main__":
+    main()
