@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ class Comparison:
     @property
     def added_us(self) -> float:
         return self.guarded.median_us - self.raw.median_us
+
+    @property
+    def paired_added_us(self) -> float:
+        """Median of (guarded - raw) over adjacent pairs: robust to drift in machine load."""
+        pairs = zip(self.guarded.values, self.raw.values, strict=True)
+        return statistics.median(g - r for g, r in pairs) / 1000
 
 
 def _clients(url: str, rows: int, name: str, *, asynchronous: bool = False) -> tuple[Any, Any, Any]:
@@ -128,7 +135,12 @@ def sync_comparison(
         ledger.close()
         remove_ledger(ledger.path)
     label = "200-chunk stream" if stream else "small call, not streamed"
-    return Comparison(f"sync {label}", raw_s, kb_s, stages)
+    result = Comparison(f"sync {label}", raw_s, kb_s, stages)
+    result.notes.append(
+        f"sync {label}: median of paired differences (adjacent calls) "
+        f"{fmt_us(result.paired_added_us)}"
+    )
+    return result
 
 
 async def _async_round(client: Any, concurrency: int, latencies: Sample) -> int:

@@ -162,10 +162,29 @@ class SseSniffer:
         self.chunks += complete.count(b"data:")
         if b"[DONE]" in complete:
             self.done = True
-        if self.response_id is None or b'"usage"' in complete:
-            for line in complete.split(b"\n"):
-                if line.startswith(b"data:") and (b'"usage"' in line or self.response_id is None):
-                    self._parse_line(line[5:].strip())
+        self._scan(complete)
+
+    def _scan(self, complete: bytes) -> None:
+        """Parse the ``data:`` lines of ``complete`` (whole lines) that can matter: each one
+        until a response id is known, then only those that mention ``"usage"``.
+
+        The lines are found with ``bytes.find``, one pass over the buffer once the id is
+        known: a network read can hold hundreds of chunks, and every pass over it counts.
+        """
+        pos, end = 0, len(complete)
+        while pos < end:
+            if self.response_id is None:
+                line_end = complete.find(b"\n", pos)  # complete ends with a newline
+            else:
+                hit = complete.find(b'"usage"', pos)
+                if hit < 0:
+                    return
+                pos = complete.rfind(b"\n", pos, hit) + 1 or pos
+                line_end = complete.find(b"\n", hit)
+            line = complete[pos:line_end]
+            if line.startswith(b"data:"):
+                self._parse_line(line[5:].strip())
+            pos = line_end + 1
 
     def _parse_line(self, payload: bytes) -> None:
         if not payload or payload == b"[DONE]":
