@@ -166,9 +166,9 @@ def load_tokenizer(name: str) -> Any:
                     f"splintr could not load the {name!r} vocabulary "
                     f"(splintr {getattr(splintr, '__version__', '?')}; need >=0.22): {exc}"
                 ) from exc
-            # The first encode compiles the pre-tokenizer regex; pay that here, not on the
-            # first request.
-            tok.encode_ordinary("warm up 预热")
+            # The first encode compiles the pre-tokenizer regex and the first real BPE merge
+            # builds splintr's tables (~80 ms): pay both here, not on the first request.
+            tok.encode_ordinary("qzxv antidisestablishmentarianism 预热")
             _TOKENIZERS[name] = tok
     return tok
 
@@ -214,7 +214,6 @@ def _approx_count(text: str) -> int:
     digit_runs = m.count(b" 0") + m.count(b"a0") + (m[:1] == b"0")
     punct = n - len(b.translate(None, _PUNCT))
     newlines = b.count(b"\n")
-    spaces = b.count(b" ") + b.count(b"\t") + b.count(b"\r")
     indent = b.count(b"  ") + b.count(b"\t")
     # Non-ASCII: K2 averages ~0.53 token per Han character, so 0.75 leaves a margin for rarer
     # ones; accented Latin, Cyrillic, kana and the rest run close to one token per character.

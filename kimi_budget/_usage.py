@@ -41,6 +41,19 @@ def _as_count(value: Any) -> int | None:
     return None
 
 
+class _ModelView:
+    """``.get()`` over a pydantic model's fields and extras, nested models included."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def get(self, name: str, default: Any = None) -> Any:
+        value = getattr(self._model, name, default)
+        return _ModelView(value) if hasattr(value, "model_extra") else value
+
+
 def read_usage(raw: Any) -> Usage | None:
     """A ``usage`` object (dict or SDK model) as ``Usage``; None if it is absent or unusable.
 
@@ -51,15 +64,11 @@ def read_usage(raw: Any) -> Usage | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
-        dump = getattr(raw, "model_dump", None)
-        if dump is None:
+        # An SDK model: read the fields (and Moonshot's extras) directly. Serializing it would
+        # cost more and make pydantic warn, quoting malformed values (perhaps an echoed key).
+        if not hasattr(raw, "model_extra"):
             return None
-        try:
-            # Malformed usage is expected here; pydantic's serializer warning would quote the
-            # bad value (possibly a secret echoed by a proxy) and say nothing useful.
-            raw = dump(warnings=False)
-        except (TypeError, ValueError):  # pydantic v1 (openai's shim) has no warnings=
-            raw = dump()
+        raw = _ModelView(raw)
     prompt = _as_count(raw.get("prompt_tokens"))
     completion = _as_count(raw.get("completion_tokens"))
     if prompt is None or completion is None:
@@ -68,7 +77,7 @@ def read_usage(raw: Any) -> Usage | None:
     cached_raw = raw.get("cached_tokens")
     if cached_raw is None:
         details = raw.get("prompt_tokens_details")
-        if isinstance(details, Mapping):
+        if isinstance(details, Mapping | _ModelView):
             cached_raw = details.get("cached_tokens")
     cached = 0
     if cached_raw is not None:
