@@ -213,7 +213,9 @@ _MODELS = [  # (model, share, price per token in nano-dollars: cache hit, miss, 
     ("moonshot-v1-8k", 0.1, 200, 200, 2000),
 ]
 _PROJECTS = ["bench", "crawler", "chatbot", "eval", "docs"]
-_BUILD_VERSION = 2  # bump when the rows below change, so cached templates are rebuilt
+# Bump when the rows below or the ledger's schema change, so cached templates are rebuilt
+# (3: the usage rollup of migration m002).
+_BUILD_VERSION = 3
 
 
 def _rows(count: int, start: datetime, end: datetime, seed: int) -> Iterator[tuple[Any, ...]]:
@@ -271,7 +273,8 @@ def build_ledger(path: Path, rows: int, *, now: datetime | None = None, seed: in
     """Create a ledger at ``path`` holding ``rows`` finished calls in the current (UTC) month.
 
     The file is created through ``kimi_budget.Ledger`` (schema, migrations, application id) and
-    filled with ``executemany``. It has no registered budgets: registering one (any write or
+    filled with ``executemany``; the schema's triggers fill the usage rollup as the rows go in,
+    as they do for real calls. It has no registered budgets: registering one (any write or
     ``status``) backfills its window totals from these rows. Returns the seconds it took.
     """
     from kimi_budget import Ledger

@@ -4,11 +4,16 @@ Every SQL statement of the command line lives here, with bound parameters only. 
 as integer nano-dollars in SQL and turned into exact ``Decimal`` USD at the end, so a report's
 total equals ``Ledger.spend()`` for the same filters to the nano-dollar.
 
+Reports read the ``usage_rollup`` table (settled calls summed per 15-minute UTC slot, model and
+tags; triggers keep it exact, see ``_migrations``) whenever it answers the question exactly:
+filters on model and tags, and ``since``/``until`` on slot boundaries (the command line's dates
+are local midnights, which are). A million-row ledger is then ~50,000 rollup rows. Anything
+else (``--since 08:07``) is answered from the ``calls`` rows, as ``build_report(source="rows")``.
+
 Time buckets (day, week, month) are computed in the report's time zone with the same calendar
 rules as budget windows (``window_bounds``), and each bucket is summed by SQLite over a range of
-the ``created_at`` index: one statement, a correlated sub-select per bucket. On a million-row
-ledger that is faster than ``GROUP BY substr(created_at, ...)`` (which sorts every row) and it
-is exact in every time zone, DST days included.
+the time column's index: one statement, a correlated sub-select per bucket. That is exact in
+every time zone, DST days included, and faster than ``GROUP BY substr(created_at, ...)``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from ._budget import format_utc, window_bounds
+from ._ledger import _as_utc_text
 from ._money import to_usd
 
 if TYPE_CHECKING:
@@ -58,8 +65,22 @@ _AGGREGATE = (
     f"coalesce(sum({_CACHED} * (price_cache_miss - price_cache_hit)), 0), "
     "coalesce(sum(estimated), 0)"
 )
+# The same figures, in the same order, from the rollup (its cached tokens are clamped already).
+_ROLLUP_AGGREGATE = (
+    "coalesce(sum(calls), 0), "
+    "coalesce(sum(cost_nanos), 0), "
+    "coalesce(sum(cached_tokens), 0), "
+    "coalesce(sum(prompt_tokens), 0), "
+    "coalesce(sum(completion_tokens), 0), "
+    "coalesce(sum(savings_nanos), 0), "
+    "coalesce(sum(estimated), 0)"
+)
 # Reservations in flight are not spend: reports count settled rows only, as Ledger.spend does.
 _SETTLED = "status != 'pending'"
+_SLOT_MINUTES = ("00", "15", "30", "45")
+_SLOT_STARTS = tuple(f"{minute}:00.000000Z" for minute in _SLOT_MINUTES)
+# format_utc's shape: the GLOB pattern of the rollup's triggers.
+_UTC_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 
 
 # -- money and numbers ---------------------------------------------------------------------------
@@ -181,6 +202,7 @@ class Report:
     pending_calls: int = 0
     pending_nanos: int = 0
     ledger: str = ""
+    source: str = "rows"  # what was read: "rollup" or "rows" (not part of the JSON)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -201,6 +223,68 @@ class Report:
         }
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where a report's figures come from: the table, its time column, and the filters."""
+
+    name: str  # "rollup" or "rows"
+    table: str
+    time: str
+    aggregate: str
+    where: str  # " AND ..." selecting the settled calls that match the filters
+    params: list[Any]
+
+
+def _rows_source(
+    ledger: Ledger,
+    since: datetime | None,
+    until: datetime | None,
+    model: str | None,
+    tags: Mapping[str, str] | None,
+) -> _Source:
+    where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
+    return _Source("rows", "calls", "created_at", _AGGREGATE, f" AND {_SETTLED}{where}", params)
+
+
+def _rollup_source(
+    ledger: Ledger,
+    since: datetime | None,
+    until: datetime | None,
+    model: str | None,
+    tags: Mapping[str, str] | None,
+) -> _Source | None:
+    """The rollup with the same filters, or None if it cannot answer them exactly."""
+    where, params = ledger.filters(tags=tags)
+    for value, op in ((since, ">="), (until, "<")):
+        if value is None:
+            continue
+        text = _as_utc_text(value)
+        if not is_slot(text):
+            return None
+        where += f" AND bucket {op} ?"
+        params.append(text)
+    if model is not None:
+        where += " AND model = ?"
+        params.append(model)
+    return _Source("rollup", "usage_rollup", "bucket", _ROLLUP_AGGREGATE, where, params)
+
+
+def is_slot(text: str) -> bool:
+    """Whether ``format_utc`` text is the start of a 15-minute slot of the rollup."""
+    return _UTC_TEXT.fullmatch(text) is not None and text[14:] in _SLOT_STARTS
+
+
+def slot_of(text: str) -> str:
+    """The rollup slot of a ``format_utc`` text (its 15-minute floor); other text as it is.
+
+    The same rule as the rollup's triggers (``_migrations._slot``).
+    """
+    if _UTC_TEXT.fullmatch(text) is None:
+        return text
+    minute = max(m for m in _SLOT_MINUTES if m <= text[14:16])
+    return f"{text[:14]}{minute}:00.000000Z"
+
+
 def build_report(
     ledger: Ledger,
     *,
@@ -210,19 +294,42 @@ def build_report(
     model: str | None = None,
     tags: Mapping[str, str] | None = None,
     tz: str = "UTC",
+    source: str = "auto",
 ) -> Report:
-    """Settled spend grouped ``by`` day/week/month (in ``tz``), model, ``tag:KEY`` or ``total``."""
-    where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
+    """Settled spend grouped ``by`` day/week/month (in ``tz``), model, ``tag:KEY`` or ``total``.
+
+    ``source``: ``"auto"`` reads the rollup when it answers exactly and the rows otherwise;
+    ``"rows"`` always reads the rows; ``"rollup"`` raises ``ValueError`` if it cannot answer.
+    """
+    if source not in ("auto", "rollup", "rows"):
+        raise ValueError(f"source must be auto, rollup or rows, not {source!r}.")
     conn = ledger.conn
     zone = ZoneInfo(tz)
+    rows_source = _rows_source(ledger, since, until, model, tags)
+    src: _Source | None = rows_source
+    if source != "rows":
+        src = _rollup_source(ledger, since, until, model, tags)
+    if src is None:
+        if source == "rollup":
+            raise ValueError("the rollup cannot answer: since/until are not on 15-minute slots.")
+        src = rows_source
     if by in BUCKETS:
-        rows = _by_time(conn, BUCKETS[by], by, zone, where, params)
+        found = _by_time(conn, src, BUCKETS[by], by, zone)
+        if found is None:
+            # A calendar boundary off the 15-minute grid (a zone's old local mean time).
+            if source == "rollup":
+                raise ValueError(f"the rollup cannot answer: a {by} in {tz} is not on slots.")
+            src = rows_source
+            found = _by_time(conn, src, BUCKETS[by], by, zone)
+        assert found is not None
+        rows = found
     elif by == "model":
         rows = [
             ReportRow.from_sql(r[0], r[1:])
             for r in conn.execute(
-                f"SELECT model, {_AGGREGATE} FROM calls WHERE {_SETTLED}{where} GROUP BY model",
-                params,
+                f"SELECT model, {src.aggregate} FROM {src.table} WHERE 1 = 1{src.where} "
+                "GROUP BY model",
+                src.params,
             )
         ]
     elif by.startswith("tag:") and len(by) > 4:
@@ -230,14 +337,14 @@ def build_report(
         rows = [
             ReportRow.from_sql("(none)" if r[0] is None else str(r[0]), r[1:])
             for r in conn.execute(
-                f"SELECT json_extract(tags, ?) AS tag, {_AGGREGATE} FROM calls "
-                f"WHERE {_SETTLED}{where} GROUP BY tag",
-                [path, *params],
+                f"SELECT json_extract(tags, ?) AS tag, {src.aggregate} FROM {src.table} "
+                f"WHERE 1 = 1{src.where} GROUP BY tag",
+                [path, *src.params],
             )
         ]
     elif by == "total":
         values = conn.execute(
-            f"SELECT {_AGGREGATE} FROM calls WHERE {_SETTLED}{where}", params
+            f"SELECT {src.aggregate} FROM {src.table} WHERE 1 = 1{src.where}", src.params
         ).fetchone()
         rows = [ReportRow.from_sql("total", values)]
     else:
@@ -248,6 +355,7 @@ def build_report(
     total = ReportRow("total")
     for row in rows:
         total.add(row)
+    where, params = _pending_filters(ledger, since, until, model, tags)
     pending_calls, pending_nanos = conn.execute(
         f"SELECT count(*), coalesce(sum(projected_nanos), 0) FROM calls "
         f"WHERE status = 'pending'{where}",
@@ -265,32 +373,63 @@ def build_report(
         pending_calls=int(pending_calls),
         pending_nanos=int(pending_nanos),
         ledger=str(ledger.path),
+        source=src.name,
     )
 
 
+def _pending_filters(
+    ledger: Ledger,
+    since: datetime | None,
+    until: datetime | None,
+    model: str | None,
+    tags: Mapping[str, str] | None,
+) -> tuple[str, list[Any]]:
+    """``Ledger.filters`` for reservations in flight, steered to the small pending index.
+
+    The unary ``+`` keeps SQLite off the ``created_at`` index, which would walk every row of
+    the period to find the few pending ones.
+    """
+    where, params = ledger.filters(tags=tags)
+    if since is not None:
+        where += " AND +created_at >= ?"
+        params.append(_as_utc_text(since))
+    if until is not None:
+        where += " AND +created_at < ?"
+        params.append(_as_utc_text(until))
+    if model is not None:
+        where += " AND +model = ?"
+        params.append(model)
+    return where, params
+
+
 def _by_time(
-    conn: Any, window: str, by: str, zone: ZoneInfo, where: str, params: list[Any]
-) -> list[ReportRow]:
+    conn: Any, src: _Source, window: str, by: str, zone: ZoneInfo
+) -> list[ReportRow] | None:
+    """Rows per calendar window; None if the rollup cannot answer (a window off the slots)."""
     first = conn.execute(
-        f"SELECT created_at FROM calls WHERE {_SETTLED}{where} ORDER BY created_at LIMIT 1", params
+        f"SELECT {src.time} FROM {src.table} WHERE 1 = 1{src.where} ORDER BY {src.time} LIMIT 1",
+        src.params,
     ).fetchone()
     if first is None:
         return []
     last = conn.execute(
-        f"SELECT created_at FROM calls WHERE {_SETTLED}{where} ORDER BY created_at DESC LIMIT 1",
-        params,
+        f"SELECT {src.time} FROM {src.table} WHERE 1 = 1{src.where} "
+        f"ORDER BY {src.time} DESC LIMIT 1",
+        src.params,
     ).fetchone()
     buckets = _buckets(window, by, _parse_stored(first[0]), _parse_stored(last[0]), zone)
+    if src.name == "rollup" and not all(is_slot(b[1]) and is_slot(b[2]) for b in buckets):
+        return None
     # The sub-select's `?` come first in the text, the bucket list (json_each) last.
     sql = (
         "SELECT json_extract(b.value, '$[0]'), "
-        f"(SELECT json_array({_AGGREGATE}) FROM calls "
-        "WHERE created_at >= json_extract(b.value, '$[1]') "
-        f"AND created_at < json_extract(b.value, '$[2]') AND {_SETTLED}{where}) "
+        f"(SELECT json_array({src.aggregate}) FROM {src.table} "
+        f"WHERE {src.time} >= json_extract(b.value, '$[1]') "
+        f"AND {src.time} < json_extract(b.value, '$[2]'){src.where}) "
         "FROM json_each(?) AS b ORDER BY b.key"
     )
     rows = []
-    for key, values in conn.execute(sql, [*params, json.dumps(buckets)]):
+    for key, values in conn.execute(sql, [*src.params, json.dumps(buckets)]):
         rows.append(ReportRow.from_sql(key, json.loads(values)))
     return rows
 
@@ -338,15 +477,41 @@ def list_calls(
     tags: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The latest calls (pending ones too), newest first, money as exact USD strings."""
+    conn = ledger.conn
     where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
-    cursor = ledger.conn.execute(
-        f"SELECT {_CALL_COLUMNS} FROM calls WHERE 1 = 1{where} "
-        "ORDER BY created_at DESC, id DESC LIMIT ?",
-        [*params, limit],
-    )
-    names = [d[0] for d in cursor.description]
+    order = "ORDER BY created_at DESC, id DESC LIMIT ?"
+    if model is None:
+        # Walking the created_at index backwards finds the newest rows of any common filter.
+        cursor = conn.execute(
+            f"SELECT {_CALL_COLUMNS} FROM calls WHERE 1 = 1{where} {order}", [*params, limit]
+        )
+        names = [d[0] for d in cursor.description]
+        found = cursor.fetchall()
+    else:
+        # No index leads with model (it would slow every call's insert): the rollup tells
+        # from which slot on the newest `limit` settled calls of the model lie, and the few
+        # reservations in flight are read apart, through their own small index.
+        floor = _newest_slot(conn, limit, until, model, tags, ledger)
+        found = []
+        if floor is not None:
+            cursor = conn.execute(
+                f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED} AND created_at >= ?"
+                f"{where} {order}",
+                [floor, *params, limit],
+            )
+            found += cursor.fetchall()
+        pending_where, pending_params = _pending_filters(ledger, since, until, model, tags)
+        cursor = conn.execute(
+            f"SELECT {_CALL_COLUMNS} FROM calls WHERE status = 'pending'{pending_where}",
+            pending_params,
+        )
+        names = [d[0] for d in cursor.description]
+        found += cursor.fetchall()
+        created, ident = names.index("created_at"), names.index("id")
+        found.sort(key=lambda r: (r[created], r[ident]), reverse=True)
+        del found[limit:]
     result = []
-    for values in cursor.fetchall():
+    for values in found:
         row = dict(zip(names, values, strict=True))
         row["tags"] = json.loads(row["tags"] or "{}")
         row["stream"] = bool(row["stream"])
@@ -355,6 +520,43 @@ def list_calls(
         row["projected_usd"] = usd(row.pop("projected_nanos"))
         result.append(row)
     return result
+
+
+def _newest_slot(
+    conn: Any,
+    limit: int,
+    until: datetime | None,
+    model: str,
+    tags: Mapping[str, str] | None,
+    ledger: Ledger,
+) -> str | None:
+    """A ``created_at`` from which on the ``limit`` newest settled calls matching lie.
+
+    Counts from the rollup, newest slot first, until ``limit`` calls; if fewer match, the oldest
+    slot that has one. None when no settled call matches. ``until`` is rounded down to its slot,
+    so only calls before it are counted (the floor may come out earlier, never too late), and
+    the calls of that last part-slot are newer than any floor, or the floor itself.
+    """
+    where, params = ledger.filters(tags=tags)
+    where += " AND model = ?"
+    params.append(model)
+    floor = None
+    if until is not None:
+        floor = slot_of(_as_utc_text(until))
+        where += " AND bucket < ?"
+        params.append(floor)
+    seen = 0
+    for bucket, calls in conn.execute(
+        f"SELECT bucket, sum(calls) FROM usage_rollup WHERE 1 = 1{where} "
+        "GROUP BY bucket ORDER BY bucket DESC",
+        params,
+    ):
+        if calls > 0:
+            floor = bucket
+            seen += calls
+            if seen >= limit:
+                break
+    return floor
 
 
 def format_call(row: Mapping[str, Any], zone: ZoneInfo) -> str:

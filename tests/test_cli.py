@@ -374,7 +374,9 @@ def test_time_buckets_are_summed_through_the_created_at_index(ledger_path: Path)
         record(ledger, datetime(2026, 11, 1, tzinfo=UTC), tags={"project": "x"})
         statements: list[str] = []
         ledger.conn.set_trace_callback(statements.append)
-        report = build_report(ledger, by="day", tz="Asia/Shanghai", tags={"project": "x"})
+        report = build_report(
+            ledger, by="day", tz="Asia/Shanghai", tags={"project": "x"}, source="rows"
+        )
         ledger.conn.set_trace_callback(None)
         (bucket_sql,) = [sql for sql in statements if "json_each" in sql]
         plan = [row[3] for row in ledger.conn.execute("EXPLAIN QUERY PLAN " + bucket_sql)]
