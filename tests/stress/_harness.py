@@ -237,6 +237,31 @@ def check_totals(path: Path, tz_name: str, windows: Sequence[str]) -> list[str]:
     return problems
 
 
+def check_rollup(path: Path) -> list[str]:
+    """The report rollup equals a GROUP BY over the settled rows, to the nano-dollar."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = dict(
+            ((model, tags), (calls, cost))
+            for model, tags, calls, cost in conn.execute(
+                "SELECT model, tags, count(*), sum(cost_nanos) FROM calls "
+                "WHERE status != 'pending' GROUP BY model, tags"
+            )
+        )
+        rollup = dict(
+            ((model, tags), (calls, cost))
+            for model, tags, calls, cost in conn.execute(
+                "SELECT model, tags, sum(calls), sum(cost_nanos) FROM usage_rollup "
+                "GROUP BY model, tags HAVING sum(calls) > 0"
+            )
+        )
+    finally:
+        conn.close()
+    if rows == rollup:
+        return []
+    return [f"rollup (calls, cost) by (model, tags) {rollup} != rows {rows}"]
+
+
 # -- 1. concurrency ----------------------------------------------------------------------------
 
 
@@ -489,6 +514,7 @@ def _judge_concurrency(
     if report.overshoot_nanos > 0:
         problems.append(f"the daily cap was overshot by {report.overshoot_nanos} nano-dollars")
     problems += check_totals(ledger, "UTC", ["daily"])
+    problems += check_rollup(ledger)
     if any(row["status"] not in FINAL for row in rows):
         problems.append("rows are still pending after every caller returned")
     return problems
@@ -706,6 +732,7 @@ def _judge_crashes(
             problems.append(f"the server saw call {rec.headers[CALL_HEADER]}, which has no row")
 
     problems += check_totals(ledger, "UTC", ["daily", "total"])
+    problems += check_rollup(ledger)
     # The budget is whole again: exactly the headroom left can be reserved, not a nano more.
     with kb.Ledger(ledger) as after:
         caps = kb.Budget(daily=budget["daily"], total=budget["total"])
