@@ -374,20 +374,7 @@ class Ledger:
         """
         tags = dict(reservation.tags)
         applicable = [budget for budget in budgets if budget.applies_to(tags)]
-        projected = reservation.projected_nanos
-        for budget in applicable:
-            cap = budget.caps_nanos.get("per_call")
-            if cap is not None and projected > cap:
-                raise BudgetExceededError(
-                    window="per_call",
-                    limit_usd=budget.caps["per_call"],
-                    spent_usd=Decimal(0),
-                    reserved_usd=Decimal(0),
-                    projected_usd=to_usd(projected),
-                    model=reservation.model,
-                    scope=budget.scope,
-                )
-        refusal: BudgetExceededError | None = None
+        _check_per_call(reservation, applicable)
         with self._write("reserve budget in") as conn:
             now = self.clock()
             self._expire_stale(conn, now)
@@ -395,59 +382,78 @@ class Ledger:
                 if budget.windows:
                     self._register(conn, budget, now)
             scopes = self._scopes(conn)
-            instant = reservation.created_at
-            for budget in applicable:
-                if not budget.windows:
-                    continue  # a per_call-only budget keeps no totals (and has no scope row)
-                scope = next(
-                    s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name
-                )
-                totals = self._read_totals(conn, scope, budget.windows, instant)
-                caps = budget.caps_nanos
-                for window in budget.windows:
-                    spent, reserved = totals[window]
-                    cap = caps[window]
-                    if spent + reserved + projected > cap:
-                        end = window_bounds(window, instant, budget.tz)[1]
-                        refusal = BudgetExceededError(
-                            window=window,
-                            limit_usd=budget.caps[window],
-                            spent_usd=to_usd(spent),
-                            reserved_usd=to_usd(reserved),
-                            projected_usd=to_usd(projected),
-                            model=reservation.model,
-                            scope=budget.scope,
-                            resets_at=None
-                            if window == "total"
-                            else end.astimezone(budget.tz).isoformat(timespec="seconds"),
-                        )
-                        break
-                if refusal:
-                    break
+            refusal = self._refusal(conn, scopes, applicable, reservation)
             if refusal is None:
-                conn.execute(
-                    "INSERT INTO calls (call_id, created_at, model, tags, status, stream, "
-                    "prompt_tokens, projected_nanos, prompt_estimate, price_cache_hit, "
-                    "price_cache_miss, price_output, estimated, expires_at) "
-                    "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 1, ?)",
-                    (
-                        reservation.call_id,
-                        format_utc(instant),
-                        reservation.model,
-                        tags_json(tags),
-                        int(reservation.stream),
-                        reservation.prompt_estimate,
-                        projected,
-                        reservation.prompt_estimate,
-                        reservation.price_cache_hit,
-                        reservation.price_cache_miss,
-                        reservation.price_output,
-                        format_utc(reservation.expires_at),
-                    ),
+                self._insert_pending(conn, reservation, tags)
+                self._add_totals(
+                    conn,
+                    scopes,
+                    tags,
+                    reservation.created_at,
+                    spent=0,
+                    reserved=reservation.projected_nanos,
                 )
-                self._add_totals(conn, scopes, tags, instant, spent=0, reserved=projected)
+        # Raised after the commit, so that the expiries done on the way are kept.
         if refusal is not None:
             raise refusal
+
+    def _refusal(
+        self,
+        conn: sqlite3.Connection,
+        scopes: Sequence[_Scope],
+        budgets: Sequence[Budget],
+        reservation: Reservation,
+    ) -> BudgetExceededError | None:
+        """The first window cap the reservation would exceed, narrowest window first."""
+        instant = reservation.created_at
+        projected = reservation.projected_nanos
+        for budget in budgets:
+            if not budget.windows:
+                continue  # a per_call-only budget keeps no totals (and has no scope row)
+            scope = next(s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name)
+            totals = self._read_totals(conn, scope, budget.windows, instant)
+            for window in budget.windows:
+                spent, reserved = totals[window]
+                if spent + reserved + projected <= budget.caps_nanos[window]:
+                    continue
+                end = window_bounds(window, instant, budget.tz)[1]
+                return BudgetExceededError(
+                    window=window,
+                    limit_usd=budget.caps[window],
+                    spent_usd=to_usd(spent),
+                    reserved_usd=to_usd(reserved),
+                    projected_usd=to_usd(projected),
+                    model=reservation.model,
+                    scope=budget.scope,
+                    resets_at=None
+                    if window == "total"
+                    else end.astimezone(budget.tz).isoformat(timespec="seconds"),
+                )
+        return None
+
+    def _insert_pending(
+        self, conn: sqlite3.Connection, reservation: Reservation, tags: Mapping[str, str]
+    ) -> None:
+        conn.execute(
+            "INSERT INTO calls (call_id, created_at, model, tags, status, stream, "
+            "prompt_tokens, projected_nanos, prompt_estimate, price_cache_hit, "
+            "price_cache_miss, price_output, estimated, expires_at) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            (
+                reservation.call_id,
+                format_utc(reservation.created_at),
+                reservation.model,
+                tags_json(tags),
+                int(reservation.stream),
+                reservation.prompt_estimate,
+                reservation.projected_nanos,
+                reservation.prompt_estimate,
+                reservation.price_cache_hit,
+                reservation.price_cache_miss,
+                reservation.price_output,
+                format_utc(reservation.expires_at),
+            ),
+        )
 
     def extend(self, call_id: str, expires_at: datetime) -> None:
         """Push a live reservation's expiry out (a call that is retrying is not dead)."""
@@ -859,6 +865,22 @@ class Ledger:
             )
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _check_per_call(reservation: Reservation, budgets: Sequence[Budget]) -> None:
+    """Refuse a call whose projection alone exceeds a per-call cap (no ledger needed)."""
+    for budget in budgets:
+        cap = budget.caps_nanos.get("per_call")
+        if cap is not None and reservation.projected_nanos > cap:
+            raise BudgetExceededError(
+                window="per_call",
+                limit_usd=budget.caps["per_call"],
+                spent_usd=Decimal(0),
+                reserved_usd=Decimal(0),
+                projected_usd=to_usd(reservation.projected_nanos),
+                model=reservation.model,
+                scope=budget.scope,
+            )
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
