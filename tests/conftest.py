@@ -12,6 +12,7 @@ import respx
 
 import kimi_budget as kb
 from kimi_budget.testing import MoonshotStandIn
+from tests.fuzz_tally import flush
 
 # openai >= 3 sends through httpx2 (pytest-httpx2 adds respx's "httpcore2" mocker), 2.x httpx.
 RESPX_USING = "httpcore2" if hasattr(openai_base, "httpx2") else "httpcore"
@@ -37,6 +38,12 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[No
     work.mkdir()
     monkeypatch.chdir(work)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fuzz_tally(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    flush(request.module.__name__)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from kimi_budget._guard import GuardSettings, prepare
 from kimi_budget._pricing import PriceTable
 from kimi_budget._tokens import count_request_tokens
 from kimi_budget.testing import Fault, MoonshotStandIn
+from tests.fuzz_tally import tried
 
 # As in conftest.py (imported by value, so that plain `pytest` and `python -m pytest` both work):
 # openai >= 3 sends through httpx2, mocked by pytest-httpx2's "httpcore2" respx mocker.
@@ -51,22 +52,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-# -- counting what hypothesis tried, for tests/stress/run.py ------------------------------------
-_tally = {"examples": 0}
-
-
-def tried() -> None:
-    _tally["examples"] += 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _report_examples() -> Iterator[None]:
-    yield
-    target = os.environ.get("KB_FUZZ_TALLY")
-    if target:
-        with open(target, "a", encoding="utf-8") as out:
-            out.write(f"{__name__} {_tally['examples']}\n")
 
 
 # -- strategies -----------------------------------------------------------------------------------
@@ -352,7 +337,7 @@ def _call(
 @FUZZ
 @given(case=non_stream_responses())
 def test_any_non_stream_response_is_one_flagged_row(fuzz_client: kb.OpenAI, case: Any) -> None:
-    tried()
+    tried(__name__)
     response, usage = case
     before = len(fuzz_client.ledger.calls(10**6))
     caught, raised = _call(fuzz_client, lambda request: response, stream=False)
@@ -369,7 +354,7 @@ def test_any_non_stream_response_is_one_flagged_row(fuzz_client: kb.OpenAI, case
 def test_any_stream_is_one_flagged_row(
     fuzz_client: kb.OpenAI, case: Any, content_type: str
 ) -> None:
-    tried()
+    tried(__name__)
     pieces, usage = case
 
     def respond(request: httpx.Request) -> httpx.Response:
@@ -408,7 +393,7 @@ class _Pieces(httpx.SyncByteStream):
 def test_any_error_response_is_one_row_and_an_sdk_error(
     fuzz_client: kb.OpenAI, status: int, body: bytes
 ) -> None:
-    tried()
+    tried(__name__)
     before = len(fuzz_client.ledger.calls(10**6))
     caught, raised = _call(
         fuzz_client, lambda request: httpx.Response(status, content=body), stream=False
@@ -501,7 +486,7 @@ def test_stand_in_with_any_usage(
     server: MoonshotStandIn, tmp_path: Path, usage: Any, stream: bool
 ) -> None:
     """The same judgement over real HTTP, with the usage the stand-in reports fuzzed."""
-    tried()
+    tried(__name__)
     from kimi_budget.testing import OMIT
 
     path = tmp_path / "stand-in.db"
@@ -678,7 +663,7 @@ bodies = st.fixed_dictionaries(
 @FUZZ
 @given(body=bodies)
 def test_every_request_shape_estimates(body: dict[str, Any]) -> None:
-    tried()
+    tried(__name__)
     for tokenizer in ("kimi_k2", "kimi_k3", "approximate"):
         estimate = count_request_tokens(body, tokenizer)
         assert isinstance(estimate.tokens, int) and estimate.tokens >= 0
@@ -689,7 +674,7 @@ def test_every_request_shape_estimates(body: dict[str, Any]) -> None:
 @given(body=bodies)
 def test_every_request_shape_prepares(tmp_path: Path, body: dict[str, Any]) -> None:
     """prepare() projects a cost (or refuses with the context error), never anything else."""
-    tried()
+    tried(__name__)
     settings_ = GuardSettings(
         ledger=_shared_ledger(tmp_path),
         budgets=(),
@@ -724,7 +709,7 @@ def test_every_request_shape_goes_through_the_client(
     fuzz_client: kb.OpenAI, body: dict[str, Any]
 ) -> None:
     """End to end: the guarded client sends it, records it, and the row's estimate is sane."""
-    tried()
+    tried(__name__)
     before = len(fuzz_client.ledger.calls(10**6))
     with respx.mock(using=RESPX_USING, base_url=MOCK_BASE_URL, assert_all_called=False) as router:
         router.post("/chat/completions").mock(

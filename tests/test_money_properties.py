@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,27 +31,12 @@ from kimi_budget._money import (
     usd_to_nanos_floor,
 )
 from kimi_budget._pricing import PriceTable
+from tests.fuzz_tally import tried
 
 UTC = timezone.utc
 FULL = os.environ.get("KB_STRESS_SIZE", "").lower() == "full"
 EXAMPLES = 1000 if FULL else 60
 LEDGER_EXAMPLES = 300 if FULL else 25
-
-# -- counting what hypothesis tried, for tests/stress/run.py ------------------------------------
-_tally = {"examples": 0}
-
-
-def tried() -> None:
-    _tally["examples"] += 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _report_examples() -> Iterator[None]:
-    yield
-    target = os.environ.get("KB_FUZZ_TALLY")
-    if target:
-        with open(target, "a", encoding="utf-8") as out:
-            out.write(f"{__name__} {_tally['examples']}\n")
 
 
 # -- the cost of one call ----------------------------------------------------------------------
@@ -76,7 +59,7 @@ price = st.integers(min_value=0, max_value=10**6)  # nano-dollars per token
 def test_cost_is_never_negative_and_monotone(
     p: int, c: int, o: int, dp: int, do: int, hit: int, miss: int, out: int
 ) -> None:
-    tried()
+    tried(__name__)
     hit, miss = min(hit, miss), max(hit, miss)  # a cache hit never costs more than a miss
 
     def cost(p: int, c: int, o: int) -> int:
@@ -103,7 +86,7 @@ def test_cost_is_never_negative_and_monotone(
 @given(data=st.data())
 def test_cost_matches_the_price_document_exactly(data: st.DataObject) -> None:
     """For every built-in model, nano-dollar cost == the per-million Decimal formula."""
-    tried()
+    tried(__name__)
     table = PriceTable.load()
     model = data.draw(st.sampled_from(sorted(table.models)))
     p = data.draw(st.integers(0, 10**8))
@@ -120,7 +103,7 @@ def test_cost_matches_the_price_document_exactly(data: st.DataObject) -> None:
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(nanos=st.integers(0, 10**18))
 def test_nanos_and_usd_round_trip(nanos: int) -> None:
-    tried()
+    tried(__name__)
     usd = to_usd(nanos)
     assert usd_to_nanos_floor(usd) == nanos == usd_to_nanos_ceil(usd)
     assert parse_usd(str(usd), what="x") == usd
@@ -129,7 +112,7 @@ def test_nanos_and_usd_round_trip(nanos: int) -> None:
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(amount=st.decimals(min_value=0, max_value=10**6, places=12, allow_nan=False))
 def test_caps_round_down_and_charges_round_up(amount: Decimal) -> None:
-    tried()
+    tried(__name__)
     floor, ceil = usd_to_nanos_floor(amount), usd_to_nanos_ceil(amount)
     assert Decimal(floor) <= amount * 10**9 <= Decimal(ceil) and ceil - floor in (0, 1)
 
@@ -137,7 +120,7 @@ def test_caps_round_down_and_charges_round_up(amount: Decimal) -> None:
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(thousandths=st.integers(0, 10**7))
 def test_every_three_decimal_price_is_whole_nanos_per_token(thousandths: int) -> None:
-    tried()
+    tried(__name__)
     per_million = Decimal(thousandths) / 1000
     assert price_to_nanos_per_token(per_million) == thousandths
 
@@ -145,7 +128,7 @@ def test_every_three_decimal_price_is_whole_nanos_per_token(thousandths: int) ->
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(value=st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False))
 def test_float_caps_mean_their_decimal_text(value: float) -> None:
-    tried()
+    tried(__name__)
     assert parse_usd(value, what="cap") == Decimal(str(value))
 
 
@@ -221,7 +204,7 @@ operation = st.one_of(
 def test_window_totals_always_equal_the_rows(
     ops: list[tuple[Any, ...]], tz: str, start: datetime, caps: tuple[int, ...], team_cap: int
 ) -> None:
-    tried()
+    tried(__name__)
     now = [start]
     hourly, daily, weekly, monthly, total = (to_usd(c) for c in caps)
     everyone = kb.Budget(

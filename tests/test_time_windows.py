@@ -24,6 +24,7 @@ import kimi_budget as kb
 from kimi_budget._budget import format_utc, window_bounds, window_key
 from kimi_budget._ledger import Reservation, Settlement
 from kimi_budget.testing import MoonshotStandIn
+from tests.fuzz_tally import tried
 
 UTC = timezone.utc
 NANO = timedelta(microseconds=1)
@@ -340,21 +341,6 @@ def _fields(res: Reservation) -> dict[str, Any]:
 
 # -- window arithmetic, for any instant in awkward zones ---------------------------------------
 
-_tally = {"examples": 0}
-
-
-def tried() -> None:
-    _tally["examples"] += 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _report_examples() -> Iterator[None]:
-    yield
-    target = os.environ.get("KB_FUZZ_TALLY")
-    if target:  # tests/stress/run.py counts the examples hypothesis tried
-        with open(target, "a", encoding="utf-8") as out:
-            out.write(f"{__name__} {_tally['examples']}\n")
-
 
 ZONES = [
     "UTC",
@@ -375,7 +361,7 @@ instants = st.datetimes(
 @settings(max_examples=PROPERTY_EXAMPLES, deadline=None)
 @given(instant=instants, tz_name=st.sampled_from(ZONES))
 def test_calendar_windows_start_at_local_midnight(instant: datetime, tz_name: str) -> None:
-    tried()
+    tried(__name__)
     tz = ZoneInfo(tz_name)
     local = instant.astimezone(tz)
     for name in ("daily", "weekly", "monthly"):
@@ -398,7 +384,7 @@ def test_calendar_windows_start_at_local_midnight(instant: datetime, tz_name: st
 @settings(max_examples=PROPERTY_EXAMPLES, deadline=None)
 @given(instant=instants, tz_name=st.sampled_from(ZONES))
 def test_hourly_windows_hold_their_instant(instant: datetime, tz_name: str) -> None:
-    tried()
+    tried(__name__)
     tz = ZoneInfo(tz_name)
     start, end = window_bounds("hourly", instant, tz)
     assert start <= instant < end and end - start == timedelta(hours=1)
