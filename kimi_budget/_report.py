@@ -355,7 +355,9 @@ def build_report(
     total = ReportRow("total")
     for row in rows:
         total.add(row)
-    where, params = _pending_filters(ledger, since, until, model, tags)
+    where, params = ledger.filters(
+        since=since, until=until, model=model, tags=tags, use_indexes=False
+    )
     pending_calls, pending_nanos = conn.execute(
         f"SELECT count(*), coalesce(sum(projected_nanos), 0) FROM calls "
         f"WHERE status = 'pending'{where}",
@@ -375,31 +377,6 @@ def build_report(
         ledger=str(ledger.path),
         source=src.name,
     )
-
-
-def _pending_filters(
-    ledger: Ledger,
-    since: datetime | None,
-    until: datetime | None,
-    model: str | None,
-    tags: Mapping[str, str] | None,
-) -> tuple[str, list[Any]]:
-    """``Ledger.filters`` for reservations in flight, steered to the small pending index.
-
-    The unary ``+`` keeps SQLite off the ``created_at`` index, which would walk every row of
-    the period to find the few pending ones.
-    """
-    where, params = ledger.filters(tags=tags)
-    if since is not None:
-        where += " AND +created_at >= ?"
-        params.append(_as_utc_text(since))
-    if until is not None:
-        where += " AND +created_at < ?"
-        params.append(_as_utc_text(until))
-    if model is not None:
-        where += " AND +model = ?"
-        params.append(model)
-    return where, params
 
 
 def _by_time(
@@ -500,7 +477,9 @@ def list_calls(
                 [floor, *params, limit],
             )
             found += cursor.fetchall()
-        pending_where, pending_params = _pending_filters(ledger, since, until, model, tags)
+        pending_where, pending_params = ledger.filters(
+            since=since, until=until, model=model, tags=tags, use_indexes=False
+        )
         cursor = conn.execute(
             f"SELECT {_CALL_COLUMNS} FROM calls WHERE status = 'pending'{pending_where}",
             pending_params,
