@@ -57,10 +57,10 @@ async def main() -> None:
         print(f"{CALLS} calls, up to {peak} at once, under one cap of ${CAP}:")
         print(f"  answered {answered}, refused before sending {len(refused)}, failed {len(failed)}")
         within = "within" if spent <= client.budgets[0].caps["total"] else "OVER"
-        print(f"  spent ${spent} of ${CAP}: {within} the cap")
+        print(f"  spent ${spent:f} of ${CAP}: {within} the cap")
         if refused:
             print(
-                f"  each call in flight holds its worst case (${refused[0].projected_usd}) until "
+                f"  each call in flight holds its worst case (${refused[0].projected_usd:f}) until "
                 f"it settles at its real cost (${spent / max(answered, 1):.7f} on average)"
             )
             print(f"  first refusal: {refused[0]}")

@@ -51,7 +51,7 @@ def main() -> int:
 
         spent = client.ledger.spend(tags={"job": job})
         print(f"job {job}: summarised {len(summaries)} of {len(DOCUMENTS)} documents")
-        print(f"spent ${spent} of its ${JOB_CAP} cap")
+        print(f"spent ${spent:f} of its ${JOB_CAP} cap")
         if stopped is not None:
             print(f"stopped cleanly: the budget ran out. {stopped}")
             print(f"resume from document {len(summaries) + 1} with a new cap.")

@@ -47,7 +47,7 @@ def main() -> None:
                     )
                     line.append(f"{team}: answered")
                 except BudgetExceededError as exc:
-                    line.append(f"{team}: REFUSED ({exc.window} cap ${exc.limit_usd})")
+                    line.append(f"{team}: REFUSED ({exc.window} cap ${exc.limit_usd:f})")
             print(f"round {round_}: " + ", ".join(line))
 
         print()
@@ -55,8 +55,8 @@ def main() -> None:
             (daily,) = client.ledger.status(budget)
             team = budget.scope["team"]
             print(
-                f"{team:>8}: ${daily.spent_usd} spent of ${daily.limit_usd} today, "
-                f"${daily.remaining_usd} left"
+                f"{team:>8}: ${daily.spent_usd:f} spent of ${daily.limit_usd:f} today, "
+                f"${daily.remaining_usd:f} left"
             )
         client.close()
 

@@ -39,16 +39,16 @@ def main() -> None:
         cost = Decimal(call["cost_nanos"]) / NANOS_PER_USD
         reserved = Decimal(call["projected_nanos"]) / NANOS_PER_USD
         print(
-            f"recorded: {call['prompt_tokens']} in / {call['completion_tokens']} out = ${cost} "
-            f"(${reserved} was reserved before sending: the worst case)"
+            f"recorded: {call['prompt_tokens']} in / {call['completion_tokens']} out = ${cost:f} "
+            f"(${reserved:f} was reserved before sending: the worst case)"
         )
         for cap in client.ledger.status(client.budgets[0]):
             if cap.window == "per_call":
-                print(f"per-call cap ${cap.limit_usd}: no single call may risk more")
+                print(f"per-call cap ${cap.limit_usd:f}: no single call may risk more")
             else:
                 print(
-                    f"{cap.window} cap ${cap.limit_usd}: ${cap.spent_usd} spent, "
-                    f"${cap.remaining_usd} left, resets {cap.resets_at:%Y-%m-%d %H:%M} UTC"
+                    f"{cap.window} cap ${cap.limit_usd:f}: ${cap.spent_usd:f} spent, "
+                    f"${cap.remaining_usd:f} left, resets {cap.resets_at:%Y-%m-%d %H:%M} UTC"
                 )
         print("ledger:", client.ledger.path)
         client.close()

@@ -26,7 +26,7 @@ def show(client: OpenAI, what: str) -> None:
     estimated = " (estimated)" if call["estimated"] else ""
     print(
         f"{what}: status {call['status']}, {call['prompt_tokens']} in / "
-        f"{call['completion_tokens']} out, ${cost}{estimated}"
+        f"{call['completion_tokens']} out, ${cost:f}{estimated}"
     )
 
 
@@ -52,7 +52,7 @@ def main() -> None:
                 break
         stream.close()  # stop reading: the server has already generated (and billed) tokens
         show(client, "closed after 3 chunks")
-        print(f"total recorded: ${client.ledger.spend(tags={'example': 'streaming'})}")
+        print(f"total recorded: ${client.ledger.spend(tags={'example': 'streaming'}):f}")
         client.close()
 
 

@@ -31,9 +31,11 @@ from ._exceptions import BudgetExceededError
 from ._guard import (
     ACTIVE_CALL,
     Call,
+    ExactCountUnavailable,
     GuardSettings,
     Prepared,
     is_chat_completion,
+    log_count_failure,
     prepare,
     read_timeout,
     recount_exactly,
@@ -41,13 +43,12 @@ from ._guard import (
 )
 from ._ledger import Ledger
 from ._pricing import BUILTIN_SOURCE
-from ._retry import explain_quota_error, log
+from ._retry import explain_quota_error
 from ._streams import tee_async, tee_sync
 
 __all__ = ["AsyncOpenAI", "OpenAI"]
 
 DEFAULT_BASE_URL = "https://api.moonshot.ai/v1"
-_UNSET: Any = object()
 _GUARD_ARGS = (
     "ledger",
     "budget",
@@ -74,7 +75,9 @@ def _api_key(api_key: Any) -> Any:
 def _base_url(base_url: Any) -> Any:
     if base_url is not None:
         return base_url
-    return os.environ.get("MOONSHOT_BASE_URL") or DEFAULT_BASE_URL
+    return (
+        os.environ.get("MOONSHOT_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    )
 
 
 def _warn_if_prices_are_in_another_currency(base_url: str, settings: GuardSettings) -> None:
@@ -106,6 +109,7 @@ class _Guarded:
 
     _kb: GuardSettings
     api_key: Any
+    base_url: Any
 
     @property
     def ledger(self) -> Ledger:
@@ -122,6 +126,20 @@ class _Guarded:
 
     def _kb_secrets(self) -> tuple[str, ...]:
         return (self.api_key,) if isinstance(self.api_key, str) else ()
+
+    def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
+        guard, given = _guard_settings(kwargs)
+        super().__init__(  # type: ignore[call-arg]  # the SDK client, next in the MRO
+            api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs
+        )
+        self._kb = guard if guard is not None else resolve_settings(**given)
+        if guard is None:
+            _warn_if_prices_are_in_another_currency(str(self.base_url), self._kb)
+
+    def _kb_failed(self, call: Call, exc: BaseException) -> BaseException:
+        """Settle a call that raised; the exception the caller should see."""
+        call.failed(exc)
+        return explain_quota_error(exc, self._kb_secrets())
 
     def copy(self, **kwargs: Any) -> Any:
         """The SDK's ``copy()``, keeping the ledger, budgets and tags.
@@ -140,18 +158,18 @@ class _Guarded:
 
     def _kb_copy_settings(self, overrides: Mapping[str, Any]) -> GuardSettings:
         settings = self._kb
-        if overrides.get("ledger", _UNSET) is not _UNSET:
+        if "ledger" in overrides:
             ledger = overrides["ledger"]
             settings = replace(
                 settings, ledger=ledger if isinstance(ledger, Ledger) else Ledger(ledger)
             )
-        if overrides.get("budget", _UNSET) is not _UNSET:
+        if "budget" in overrides:
             budget = overrides["budget"]
             budgets = (
                 () if budget is None else (budget,) if isinstance(budget, Budget) else tuple(budget)
             )
             settings = replace(settings, budgets=budgets)
-        if overrides.get("tags", _UNSET) is not _UNSET:
+        if "tags" in overrides:
             settings = replace(
                 settings, tags={**settings.tags, **canonical_tags(overrides["tags"] or {})}
             )
@@ -188,13 +206,6 @@ class OpenAI(_Guarded, openai.OpenAI):
     ``OPENAI_API_KEY``), ``base_url`` to ``MOONSHOT_BASE_URL`` or Moonshot's international API.
     """
 
-    def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
-        guard, given = _guard_settings(kwargs)
-        super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
-        self._kb = guard if guard is not None else resolve_settings(**given)
-        if guard is None:
-            _warn_if_prices_are_in_another_currency(str(self.base_url), self._kb)
-
     def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
     ) -> Any:
@@ -211,8 +222,7 @@ class OpenAI(_Guarded, openai.OpenAI):
         try:
             result = self._kb_attempts(send, options, max_retries, call)
         except BaseException as exc:
-            call.failed(exc)
-            clearer = explain_quota_error(exc, self._kb_secrets())
+            clearer = self._kb_failed(call, exc)
             if clearer is exc:
                 raise
             raise clearer from None
@@ -224,7 +234,9 @@ class OpenAI(_Guarded, openai.OpenAI):
     def _kb_attempts(
         self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None
     ) -> Any:
-        retrying = self._kb.retry.retrying(max_retries, call.before_attempt if call else None)
+        retrying = self._kb.retry.retrying(
+            max_retries, call.before_attempt if call else None, guarded=call is not None
+        )
         for attempt in retrying:
             with attempt:
                 return send(_attempt_options(options, attempt.retry_state.attempt_number))
@@ -245,9 +257,10 @@ class OpenAI(_Guarded, openai.OpenAI):
 
     def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
         """Moonshot's free, exact prompt count (``POST /tokenizers/estimate-token-count``)."""
-        payload = {key: body[key] for key in ("model", "messages", "tools") if key in body}
         response = self.post(
-            "/tokenizers/estimate-token-count", body=payload, cast_to=_http_response_type()
+            "/tokenizers/estimate-token-count",
+            body=_count_request(body),
+            cast_to=_http_response_type(),
         )
         return _total_tokens(response.content)
 
@@ -258,8 +271,8 @@ class OpenAI(_Guarded, openai.OpenAI):
         call.in_flight = True
         try:
             response = super()._send_request(request, stream=stream, **kwargs)
-        except Exception:
-            call.on_transport_error()
+        except Exception as exc:
+            call.on_transport_error(exc)
             raise
         sniffer = call.on_response(response, stream)
         if sniffer is not None:
@@ -280,13 +293,6 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
     ``busy_timeout`` for the file lock.
     """
 
-    def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
-        guard, given = _guard_settings(kwargs)
-        super().__init__(api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs)
-        self._kb = guard if guard is not None else resolve_settings(**given)
-        if guard is None:
-            _warn_if_prices_are_in_another_currency(str(self.base_url), self._kb)
-
     async def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
     ) -> Any:
@@ -303,8 +309,7 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         try:
             result = await self._kb_attempts(send, options, max_retries, call)
         except BaseException as exc:
-            call.failed(exc)
-            clearer = explain_quota_error(exc, self._kb_secrets())
+            clearer = self._kb_failed(call, exc)
             if clearer is exc:
                 raise
             raise clearer from None
@@ -316,7 +321,9 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
     async def _kb_attempts(
         self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None
     ) -> Any:
-        retrying = self._kb.retry.async_retrying(max_retries, call.before_attempt if call else None)
+        retrying = self._kb.retry.async_retrying(
+            max_retries, call.before_attempt if call else None, guarded=call is not None
+        )
         async for attempt in retrying:
             with attempt:
                 return await send(_attempt_options(options, attempt.retry_state.attempt_number))
@@ -336,7 +343,7 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
                 counts["exact"] = await self._kb_exact_count(body)
             except openai.APIError as exc:
                 counts["failed"] = 1
-                log.warning("kimi-budget: could not confirm the token count with Moonshot: %s", exc)
+                log_count_failure(exc)
             prepared = prepare(self._kb, body, _lookup(counts))
         call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
         try:
@@ -354,9 +361,10 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         return call
 
     async def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
-        payload = {key: body[key] for key in ("model", "messages", "tools") if key in body}
         response = await self.post(
-            "/tokenizers/estimate-token-count", body=payload, cast_to=_http_response_type()
+            "/tokenizers/estimate-token-count",
+            body=_count_request(body),
+            cast_to=_http_response_type(),
         )
         return _total_tokens(response.content)
 
@@ -367,8 +375,8 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         call.in_flight = True
         try:
             response = await super()._send_request(request, stream=stream, **kwargs)
-        except Exception:
-            call.on_transport_error()
+        except Exception as exc:
+            call.on_transport_error(exc)
             raise
         sniffer = call.on_response(response, stream)
         if sniffer is not None:
@@ -388,7 +396,7 @@ class _NeedsExactCount(Exception):
 def _lookup(counts: dict[str, int]) -> Callable[[Mapping[str, Any]], int]:
     def exact(body: Mapping[str, Any]) -> int:
         if "failed" in counts:
-            raise openai.APIConnectionError(request=None)  # type: ignore[arg-type]
+            raise ExactCountUnavailable
         if "exact" not in counts:
             raise _NeedsExactCount
         return counts["exact"]
@@ -402,8 +410,16 @@ def _http_response_type() -> Any:
     return (getattr(base, "httpx2", None) or getattr(base, "httpx")).Response  # noqa: B009
 
 
+def _count_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body of a token-count request: the chat request's model, messages and tools."""
+    return {key: body[key] for key in ("model", "messages", "tools") if key in body}
+
+
 def _total_tokens(content: bytes) -> int:
-    data = json.loads(content)
+    try:
+        data = json.loads(content)
+    except ValueError:
+        data = None
     total = data.get("data", {}).get("total_tokens") if isinstance(data, dict) else None
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
         raise openai.APIError(

@@ -60,17 +60,17 @@ class BudgetExceededError(KimiBudgetError):
         where = f" for {_format_scope(self.scope)}" if self.scope else ""
         if window == "per_call":
             message = (
-                f"Refused before sending: this {model} call could cost up to ${projected_usd}, "
-                f"over the per-call cap of ${limit_usd}{where}. Lower max_tokens or shorten the "
+                f"Refused before sending: this {model} call could cost up to ${projected_usd:f}, "
+                f"over the per-call cap of ${limit_usd:f}{where}. Lower max_tokens or shorten the "
                 f"prompt, or raise the per_call cap."
             )
         else:
-            left = limit_usd - spent_usd - reserved_usd
+            left = max(limit_usd - spent_usd - reserved_usd, Decimal(0))
             reset = f" It resets at {resets_at}." if resets_at else ""
             message = (
-                f"Refused before sending: this {model} call could cost up to ${projected_usd}, "
-                f"but the {window} cap of ${limit_usd}{where} has ${max(left, Decimal(0))} left "
-                f"(${spent_usd} spent, ${reserved_usd} reserved by calls in flight).{reset} "
+                f"Refused before sending: this {model} call could cost up to ${projected_usd:f}, "
+                f"but the {window} cap of ${limit_usd:f}{where} has ${left:f} left "
+                f"(${spent_usd:f} spent, ${reserved_usd:f} reserved by calls in flight).{reset} "
                 f"Lower max_tokens, wait for the window to reset, or raise the cap."
             )
         super().__init__(message)

@@ -28,7 +28,7 @@ from ._budget import Budget
 from ._exceptions import ContextLengthExceededError, LedgerError
 from ._ledger import Ledger, Reservation, Settlement
 from ._pricing import ModelPrice, PriceTable
-from ._retry import RetryPolicy, error_type, log
+from ._retry import RetryPolicy, error_type, log, was_sent
 from ._tokens import TokenEstimate, count_request_tokens
 from ._usage import BodySniffer, SseSniffer, Usage, read_usage, usage_from_body
 
@@ -56,10 +56,9 @@ class GuardSettings:
     exact_tokens: str = "auto"  # "auto": ask Moonshot when too close to call; "always"; "never"
     reservation_margin: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    clock: Callable[[], datetime] | None = None
 
     def now(self) -> datetime:
-        return (self.clock or self.ledger.clock)()
+        return self.ledger.clock()
 
 
 @dataclass
@@ -69,8 +68,17 @@ class Prepared:
     body: dict[str, Any]
     price: ModelPrice
     estimate: TokenEstimate
-    max_output: int
+    max_tokens: int | None  # the request's own limit, if it set one
     choices: int
+
+    @property
+    def max_output(self) -> int:
+        """The most output tokens each choice can bill."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        # Without max_tokens the server stops at its default or at the end of the window.
+        room = self.price.context_window - self.estimate.tokens
+        return max(min(self.price.default_max_tokens, room), 0)
 
     @property
     def projected_nanos(self) -> int:
@@ -112,16 +120,15 @@ def prepare(
     if limit is None:
         limit = body.get("max_tokens")
     explicit = _positive_int(limit)
-    max_output = explicit if explicit is not None else price.default_max_tokens
     choices = _positive_int(body.get("n")) or 1
     estimate = _count(settings, body, price, exact_count)
     if explicit is not None and estimate.tokens + explicit > price.context_window:
         if not estimate.exact and exact_count is not None and settings.exact_tokens != "never":
             try:
                 estimate = TokenEstimate(exact_count(body), True, "endpoint")
-            except openai.APIError as exc:
+            except (openai.APIError, ExactCountUnavailable) as exc:
                 # Never refuse on an approximation alone: the server judges it, for free.
-                log.warning("kimi-budget: could not confirm the token count with Moonshot: %s", exc)
+                log_count_failure(exc)
                 return Prepared(body, price, estimate, explicit, choices)
         if estimate.tokens + explicit > price.context_window:
             raise ContextLengthExceededError(
@@ -131,10 +138,23 @@ def prepare(
                 context_window=price.context_window,
                 exact=estimate.exact,
             )
-    if explicit is None:
-        # Without max_tokens the server stops at its default or at the end of the window.
-        max_output = max(min(max_output, price.context_window - estimate.tokens), 0)
-    return Prepared(body, price, estimate, max_output, choices)
+    return Prepared(body, price, estimate, explicit, choices)
+
+
+class ExactCountUnavailable(Exception):
+    """Moonshot's exact count was needed but could not be had (already logged)."""
+
+
+def log_count_failure(exc: BaseException) -> None:
+    if not isinstance(exc, ExactCountUnavailable):
+        # The class and status only: an SDK message may quote the server, key and all.
+        status = getattr(exc, "status_code", "")
+        log.warning(
+            "kimi-budget: could not confirm the token count with Moonshot (%s %s); "
+            "going by the local estimate",
+            type(exc).__name__,
+            status,
+        )
 
 
 def recount_exactly(
@@ -145,7 +165,8 @@ def recount_exactly(
         return False
     try:
         exact = exact_count(prepared.body)
-    except openai.APIError:
+    except (openai.APIError, ExactCountUnavailable) as exc:
+        log_count_failure(exc)
         return False
     prepared.estimate = TokenEstimate(exact, True, "endpoint")
     return True
@@ -231,6 +252,8 @@ class Call:
         self.streaming = False  # a 2xx body is still flowing to the caller
         self.body_response: Any = None
         self.in_flight = False
+        self.unanswered = 0  # attempts sent that got no answer (timeouts, dropped connections)
+        self._renew_at = time.monotonic() + (timeout + settings.reservation_margin) / 2
         self._settled = False
         self._lock = threading.Lock()
 
@@ -265,9 +288,22 @@ class Call:
             return SseSniffer(encoding)
         return BodySniffer(encoding)
 
-    def on_transport_error(self) -> None:
+    def on_transport_error(self, exc: BaseException) -> None:
         self.in_flight = False
         self.attempts += 1
+        if was_sent(exc):
+            self.unanswered += 1
+
+    def keep_alive(self) -> None:
+        """A stream still flowing renews its reservation before it can expire under it."""
+        if time.monotonic() < self._renew_at:
+            return
+        lease = self.timeout + self.settings.reservation_margin
+        self._renew_at = time.monotonic() + lease / 2
+        with contextlib.suppress(LedgerError):
+            self.settings.ledger.extend(
+                self.reservation.call_id, self.settings.now() + timedelta(seconds=lease)
+            )
 
     # -- endings -----------------------------------------------------------------------
 
@@ -281,7 +317,7 @@ class Call:
         problem = None
         if usage is None and self.body_response is not None:
             usage, response_id, problem = _usage_of_body(self.body_response)
-        self._finish_with_usage(usage, response_id, problem, output_floor=0, status="ok")
+        self._finish_with_usage(usage, response_id, problem, status="ok")
 
     def failed(self, exc: BaseException) -> None:
         """The call raised before a body reached the caller."""
@@ -289,14 +325,16 @@ class Call:
             # A 2xx body arrived (so it was billed) but the SDK could not hand it over.
             usage, response_id, problem = _usage_of_body(self.body_response)
             self.request_id = self.request_id or response_id
-            self._finish_with_usage(
-                usage, response_id, problem or _describe(exc), 0, status="error"
-            )
+            self._finish_with_usage(usage, response_id, problem or _describe(exc), status="error")
         elif isinstance(exc, openai.APIStatusError):
             reason = f"HTTP {exc.status_code} {error_type(exc) or ''}: {exc.message}"
             usage = _usage_in_error(exc)
             self._settle("error", usage, estimated=False, error=reason)
-        elif isinstance(exc, openai.OpenAIError):  # connection errors, timeouts
+        elif self.unanswered:
+            # A request that timed out or lost its connection after it was sent may have been
+            # billed: charge the prompt's estimate, flagged, rather than $0.
+            self._estimate("error", output_tokens=0, error=_describe(exc))
+        elif isinstance(exc, openai.OpenAIError):  # never sent (connection refused, ...)
             self._settle("error", None, estimated=False, error=_describe(exc))
         elif self.in_flight:
             # Interrupted (Ctrl-C, task cancelled) while a request was on the wire: the
@@ -315,21 +353,23 @@ class Call:
                 sniffer.result() if how == "complete" else (None, None, None)
             )
             if how != "complete":
-                problem = "the response body was not read to the end"
-            self._finish_with_usage(
-                usage,
-                response_id,
-                problem,
-                output_floor=0,
-                status="ok" if how == "complete" else "abandoned",
-            )
+                # A whole response was generated (and billed) before its headers arrived:
+                # charge the worst case, flagged, since its usage was never read.
+                self._estimate(
+                    "abandoned",
+                    output_tokens=self.prepared.max_output * self.prepared.choices,
+                    note="the response body was not read; cost estimated at the worst case",
+                    warn=True,
+                )
+                return
+            self._finish_with_usage(usage, response_id, problem, status="ok")
             return
         sniffer.finish()
         if how == "closed" and sniffer.done:
             how = "complete"  # the SDK closes the response as soon as it reads [DONE]
         problem = "; ".join(sniffer.problems) or None
         if sniffer.usage is not None:
-            self._finish_with_usage(sniffer.usage, sniffer.response_id, problem, 0, status="ok")
+            self._finish_with_usage(sniffer.usage, sniffer.response_id, problem, status="ok")
             return
         if how == "complete":
             status, note = "ok", "the stream ended without usage"
@@ -357,7 +397,6 @@ class Call:
         usage: Usage | None,
         response_id: str | None,
         problem: str | None,
-        output_floor: int,
         *,
         status: str,
     ) -> None:
@@ -365,7 +404,7 @@ class Call:
         if usage is None:
             self._estimate(
                 status,
-                output_tokens=output_floor,
+                output_tokens=0,
                 note=f"{problem or 'no usage in the response'}; cost estimated from the request",
                 warn=True,
             )
@@ -420,6 +459,11 @@ class Call:
             error=redact(error, self.secrets)[:1000] if error else None,
             note=redact(note, self.secrets)[:1000] if note else None,
         )
+        try:
+            self.settings.ledger.settle(settlement)
+        except LedgerError as exc:
+            self.settings.ledger.write_fallback(settlement, exc)
+        # Warn only once the call is recorded: under -W error the warning is an exception.
         if warn and settlement.note:
             import warnings
 
@@ -430,10 +474,6 @@ class Call:
                 RuntimeWarning,
                 stacklevel=4,
             )
-        try:
-            self.settings.ledger.settle(settlement)
-        except LedgerError as exc:
-            self.settings.ledger.write_fallback(settlement, exc)
 
 
 def _usage_of_body(response: Any) -> tuple[Usage | None, str | None, str | None]:

@@ -28,6 +28,7 @@ import sqlite3
 import stat
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -216,8 +217,12 @@ class Ledger:
         self._registered: set[tuple[str, str, tuple[str, ...]]] = set()
         self._scope_cache: tuple[tuple[Any, ...], list[_Scope]] = ((), [])
         self._pid = os.getpid()
+        self._writer: int | None = None  # the thread inside a write transaction, if any
+        self._deferred: list[Settlement] = []
+        self._inherited: list[sqlite3.Connection] = []
         self._conn = self._open()
         self._db: sqlite_utils.Database | None = None
+        _OPEN_LEDGERS.add(self)
         self._merge_fallback()
         # Reservations of processes that died are settled as soon as anyone opens the ledger.
         self.expire_stale()
@@ -313,12 +318,19 @@ class Ledger:
     @property
     def conn(self) -> sqlite3.Connection:
         if os.getpid() != self._pid:
-            # A forked child must not share its parent's SQLite connection.
+            # A forked child must not use its parent's SQLite connection, nor close it (that
+            # would touch the parent's locks): keep it, unused, and open our own.
             self._pid = os.getpid()
-            self._lock = threading.RLock()
+            self._inherited.append(self._conn)
             self._conn = self._open()
             self._db = None
         return self._conn
+
+    def _after_fork(self) -> None:
+        # A lock held by another thread at fork() would never be released in the child.
+        self._lock = threading.RLock()
+        self._writer = None
+        self._deferred = []
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -355,6 +367,7 @@ class Ledger:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise LedgerError(self._explain(exc, doing), path=str(self.path)) from None
+            self._writer = threading.get_ident()
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -364,6 +377,9 @@ class Ledger:
             except BaseException:
                 _rollback(conn)
                 raise
+            finally:
+                self._writer = None
+            self._settle_deferred()
 
     # -- the call lifecycle ----------------------------------------------------------------
 
@@ -465,8 +481,21 @@ class Ledger:
 
     def settle(self, settlement: Settlement) -> bool:
         """Record how a call ended. Returns False if it was already settled (idempotent)."""
+        if self._writer == threading.get_ident():
+            # Called from inside one of our own transactions on this thread: a stream's
+            # finalizer run by the garbage collector. It is written right after the commit.
+            self._deferred.append(settlement)
+            return True
         with self._write("record a call in") as conn:
             return self._settle(conn, settlement)
+
+    def _settle_deferred(self) -> None:
+        while self._deferred:
+            settlement = self._deferred.pop(0)
+            try:
+                self.settle(settlement)
+            except LedgerError as exc:
+                self.write_fallback(settlement, exc)
 
     def _settle(self, conn: sqlite3.Connection, s: Settlement) -> bool:
         res = s.reservation
@@ -887,6 +916,18 @@ def _check_per_call(reservation: Reservation, budgets: Sequence[Budget]) -> None
                 model=reservation.model,
                 scope=budget.scope,
             )
+
+
+_OPEN_LEDGERS: weakref.WeakSet[Ledger] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for ledger in list(_OPEN_LEDGERS):
+        ledger._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

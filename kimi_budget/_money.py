@@ -15,7 +15,9 @@ TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per million tokens
 
 def to_usd(nanos: int) -> Decimal:
     """Nano-dollars as exact Decimal USD (``1_500`` becomes ``Decimal('0.0000015')``)."""
-    return (Decimal(nanos) / NANOS_PER_USD).normalize() if nanos else Decimal(0)
+    amount = (Decimal(nanos) / NANOS_PER_USD).normalize()
+    # normalize() writes whole dollars as 1E+1; keep them plain (10) for anyone printing them.
+    return amount.quantize(Decimal(1)) if amount.as_tuple().exponent > 0 else amount  # type: ignore[operator]
 
 
 def parse_usd(value: object, *, what: str) -> Decimal:

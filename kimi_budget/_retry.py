@@ -11,6 +11,7 @@ never multiply.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import time
@@ -22,7 +23,14 @@ from typing import Any
 import openai
 import tenacity
 
-__all__ = ["RetryPolicy", "error_type", "explain_quota_error", "is_retryable"]
+__all__ = [
+    "RetryPolicy",
+    "error_type",
+    "explain_quota_error",
+    "is_retryable",
+    "is_retryable_call",
+    "was_sent",
+]
 
 log = logging.getLogger("kimi_budget")
 
@@ -30,7 +38,8 @@ RETRYABLE_TYPES = frozenset({"rate_limit_reached_error", "engine_overloaded_erro
 NEVER_RETRY_TYPES = frozenset(
     {"exceeded_current_quota_error", "content_filter", "access_terminated_error"}
 )
-RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+# Besides 5xx: request timeout and conflict, which the SDK retries too.
+RETRYABLE_STATUS = frozenset({408, 409})
 _AFTER_SECONDS = re.compile(r"try again (?:after|in) (\d+(?:\.\d+)?) ?(?:s\b|sec|second)", re.I)
 
 
@@ -60,7 +69,30 @@ def is_retryable(exc: BaseException) -> bool:
     if exc.status_code == 429:
         # A 429 with no type (not Moonshot, or a proxy) is taken as "slow down".
         return kind is None or kind in RETRYABLE_TYPES
-    return exc.status_code in RETRYABLE_STATUS
+    return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
+
+
+def was_sent(exc: BaseException) -> bool:
+    """Whether a failed attempt may have reached the server (so it may have been billed).
+
+    Takes the SDK's ``APIConnectionError`` or the transport's (httpx/httpx2) exception. A
+    refused or unresolvable connection never sent the request; a timeout or a connection
+    dropped while waiting for the answer may have.
+    """
+    if isinstance(exc, openai.APIConnectionError):
+        exc = exc.__cause__ or exc  # the transport's own error, which the SDK wrapped
+    elif isinstance(exc, openai.OpenAIError):
+        return False
+    return type(exc).__name__ not in ("ConnectError", "ConnectTimeout")
+
+
+def is_retryable_call(exc: BaseException) -> bool:
+    """``is_retryable`` for a guarded chat completion.
+
+    A completion that may have been billed without an answer is not sent again: the second
+    bill would not be covered by the call's reservation, so the cap could be overshot.
+    """
+    return is_retryable(exc) and not was_sent(exc)
 
 
 def server_wait(exc: BaseException) -> float | None:
@@ -71,13 +103,13 @@ def server_wait(exc: BaseException) -> float | None:
         ms = headers.get("retry-after-ms")
         if ms:
             try:
-                return max(float(ms) / 1000, 0.0)
+                return _seconds(float(ms) / 1000)
             except ValueError:
                 pass
         after = headers.get("retry-after")
         if after:
             try:
-                return max(float(after), 0.0)
+                return _seconds(float(after))
             except ValueError:
                 try:
                     return max(parsedate_to_datetime(after).timestamp() - time.time(), 0.0)
@@ -85,6 +117,12 @@ def server_wait(exc: BaseException) -> float | None:
                     pass
     match = _AFTER_SECONDS.search(str(getattr(exc, "message", "") or exc))
     return float(match.group(1)) if match else None
+
+
+def _seconds(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(value)
+    return max(value, 0.0)
 
 
 def explain_quota_error(exc: BaseException, secrets: tuple[str, ...] = ()) -> BaseException:
@@ -129,7 +167,9 @@ class RetryPolicy:
         backoff = min(self.initial_wait * 2 ** (attempt - 1), self.max_backoff)
         return float(min(backoff * random.uniform(1 - self.jitter, 1.0), self.max_wait))
 
-    def _kwargs(self, max_retries: int, before: Callable[[int], None] | None) -> dict[str, Any]:
+    def _kwargs(
+        self, max_retries: int, before: Callable[[int], None] | None, guarded: bool
+    ) -> dict[str, Any]:
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             return float(self.wait(state.attempt_number, exc))
@@ -150,7 +190,7 @@ class RetryPolicy:
 
         return dict(
             stop=tenacity.stop_after_attempt(max(max_retries, 0) + 1),
-            retry=tenacity.retry_if_exception(is_retryable),
+            retry=tenacity.retry_if_exception(is_retryable_call if guarded else is_retryable),
             wait=wait,
             before=before_attempt,
             before_sleep=before_sleep,
@@ -158,14 +198,17 @@ class RetryPolicy:
         )
 
     def retrying(
-        self, max_retries: int, before: Callable[[int], None] | None = None
+        self, max_retries: int, before: Callable[[int], None] | None = None, *, guarded: bool
     ) -> tenacity.Retrying:
-        return tenacity.Retrying(sleep=_sleep, **self._kwargs(max_retries, before))
+        """The attempts of one request; ``guarded`` for a chat completion with a reservation."""
+        return tenacity.Retrying(sleep=_sleep, **self._kwargs(max_retries, before, guarded))
 
     def async_retrying(
-        self, max_retries: int, before: Callable[[int], None] | None = None
+        self, max_retries: int, before: Callable[[int], None] | None = None, *, guarded: bool
     ) -> tenacity.AsyncRetrying:
-        return tenacity.AsyncRetrying(sleep=_async_sleep, **self._kwargs(max_retries, before))
+        return tenacity.AsyncRetrying(
+            sleep=_async_sleep, **self._kwargs(max_retries, before, guarded)
+        )
 
 
 def _sleep(seconds: float) -> None:

@@ -68,6 +68,7 @@ def _make_sync(base: type) -> type:
             try:
                 for chunk in self._inner:
                     _feed(self._sniffer, chunk)
+                    self._call.keep_alive()
                     yield chunk
             except GeneratorExit:
                 self._end("closed")
@@ -102,6 +103,7 @@ def _make_async(base: type) -> type:
             try:
                 async for chunk in self._inner:
                     _feed(self._sniffer, chunk)
+                    self._call.keep_alive()
                     yield chunk
             except GeneratorExit:
                 self._end("closed")

@@ -566,9 +566,7 @@ def _ts_doc(schema: Mapping[str, Any], kind: str, indent: str) -> str:
     lines = []
     desc = schema.get("description")
     if desc:
-        lines.append(
-            "\n".join(f"{indent}// {ln}" if ln else "" for ln in str(desc).split("\n"))
-        )
+        lines.append("\n".join(f"{indent}// {ln}" if ln else "" for ln in str(desc).split("\n")))
     keys = {
         "string": ("maxLength", "minLength", "pattern"),
         "number": ("maximum", "minimum"),
@@ -756,8 +754,13 @@ def _json_sorted_inner(value: object) -> str:
     if isinstance(value, Mapping):
         items = sorted(value.items(), key=lambda kv: str(kv[0]).lower())
         dump = json.dumps
-        return "{" + ",".join(dump(str(k), ensure_ascii=False) + ":" + _json_sorted_inner(v)
-                              for k, v in items) + "}"
+        return (
+            "{"
+            + ",".join(
+                dump(str(k), ensure_ascii=False) + ":" + _json_sorted_inner(v) for k, v in items
+            )
+            + "}"
+        )
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_json_sorted_inner(v) for v in value) + "]"
     if value is None or isinstance(value, (str, int, float, bool)):
@@ -1093,9 +1096,7 @@ def _render_k3(body: Mapping[str, Any], prof: _Profile) -> tuple[int, bool]:
                     tool_name = run_calls[run_index - 1]
                 else:
                     tool_name, exact = "tool", False  # the template would raise here
-            n += _k3_tag(
-                prof, f'message role="tool" tool="{_attr(tool_name)}" index="{run_index}"'
-            )
+            n += _k3_tag(prof, f'message role="tool" tool="{_attr(tool_name)}" index="{run_index}"')
             c, ok = _content_tokens(content, prof)
             n += c + _k3_tag(prof, "message") + 1
             exact = exact and ok

@@ -223,8 +223,9 @@ class Fault:
         *,
         headers: Mapping[str, str] | None = None,
     ) -> Fault:
-        return cls("http_error", status=status, error_type=error_type, message=message,
-                   headers=headers)
+        return cls(
+            "http_error", status=status, error_type=error_type, message=message, headers=headers
+        )
 
     @classmethod
     def drop_stream(cls, after_chunks: int) -> Fault:
@@ -314,8 +315,13 @@ class _Reply:
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, error_type: str | None, message: str,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error_type: str | None,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
@@ -601,8 +607,10 @@ class MoonshotStandIn:
         self._server = server
         # stop() waits up to one poll interval: short keeps per-test teardown cheap.
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01},
-            name=f"moonshot-standin:{server.server_port}", daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name=f"moonshot-standin:{server.server_port}",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -762,8 +770,14 @@ class MoonshotStandIn:
                 body = json.loads(raw)
             except ValueError:
                 bad_json = True
-        rec = RecordedRequest(h.command, path, body, recorded_headers, time.time(),
-                              client_port=int(h.client_address[1]))
+        rec = RecordedRequest(
+            h.command,
+            path,
+            body,
+            recorded_headers,
+            time.time(),
+            client_port=int(h.client_address[1]),
+        )
         with self._lock:
             self.requests.append(rec)
             keep = self.max_recorded
@@ -804,8 +818,9 @@ class MoonshotStandIn:
         ):
             raise _HTTPError(401, "invalid_authentication_error", "Invalid Authentication")
 
-    def _route(self, h: _Handler, rec: RecordedRequest, path: str, raw: bytes, body: Any,
-               bad_json: bool) -> None:
+    def _route(
+        self, h: _Handler, rec: RecordedRequest, path: str, raw: bytes, body: Any, bad_json: bool
+    ) -> None:
         method = h.command
         if path == "/v1/chat/completions":
             self._require(method, "POST")
@@ -815,22 +830,28 @@ class MoonshotStandIn:
             self._sleep_latency(h)
             self._validate(body, bad_json)
             n = self._count_cached(raw, body)
-            self._send_json(h, rec, 200, {"code": 0, "data": {"total_tokens": n},
-                                          "scode": "0x0", "status": True})
+            self._send_json(
+                h,
+                rec,
+                200,
+                {"code": 0, "data": {"total_tokens": n}, "scode": "0x0", "status": True},
+            )
         elif path == "/v1/users/me/balance":
             self._require(method, "GET")
             self._sleep_latency(h)
-            self._send_json(h, rec, 200, {"code": 0, "data": dict(self.balance),
-                                          "scode": "0x0", "status": True})
+            self._send_json(
+                h, rec, 200, {"code": 0, "data": dict(self.balance), "scode": "0x0", "status": True}
+            )
         elif path == "/v1/models":
             self._require(method, "GET")
             self._sleep_latency(h)
-            self._send_json(h, rec, 200, {"object": "list",
-                                          "data": [self._model_obj(m) for m in self.models]})
+            self._send_json(
+                h, rec, 200, {"object": "list", "data": [self._model_obj(m) for m in self.models]}
+            )
         elif path.startswith("/v1/models/"):
             self._require(method, "GET")
             self._sleep_latency(h)
-            name = path[len("/v1/models/"):]
+            name = path[len("/v1/models/") :]
             if name not in self.models:
                 raise self._not_found(name)
             self._send_json(h, rec, 200, self._model_obj(name))
@@ -843,13 +864,19 @@ class MoonshotStandIn:
             raise _HTTPError(405, "invalid_request_error", f"Method {method} not allowed")
 
     def _model_obj(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 1700000000, "owned_by": "moonshot",
-                "context_length": self.models[name].context_window}
+        return {
+            "id": name,
+            "object": "model",
+            "created": 1700000000,
+            "owned_by": "moonshot",
+            "context_length": self.models[name].context_window,
+        }
 
     @staticmethod
     def _not_found(model: str) -> _HTTPError:
-        return _HTTPError(404, "resource_not_found_error",
-                          f"Not found the model {model} or Permission denied")
+        return _HTTPError(
+            404, "resource_not_found_error", f"Not found the model {model} or Permission denied"
+        )
 
     def _sleep_latency(self, h: _Handler) -> None:
         low, high = self.latency
@@ -862,8 +889,15 @@ class MoonshotStandIn:
     def _next_id(self) -> str:
         return f"{self._id_prefix[:16]}{next(self._ids):08x}"
 
-    def _head(self, h: _Handler, rec: RecordedRequest, status: int, content_type: str,
-              extra: Mapping[str, str] | None, length: int | None) -> bytes:
+    def _head(
+        self,
+        h: _Handler,
+        rec: RecordedRequest,
+        status: int,
+        content_type: str,
+        extra: Mapping[str, str] | None,
+        length: int | None,
+    ) -> bytes:
         rec.status = status
         lines = [
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
@@ -889,9 +923,15 @@ class MoonshotStandIn:
         except OSError as exc:  # BrokenPipe, ConnectionReset, or our own stop()
             raise _ClientGone from exc
 
-    def _send(self, h: _Handler, rec: RecordedRequest, status: int, payload: bytes,
-              content_type: str = "application/json; charset=utf-8",
-              headers: Mapping[str, str] | None = None) -> None:
+    def _send(
+        self,
+        h: _Handler,
+        rec: RecordedRequest,
+        status: int,
+        payload: bytes,
+        content_type: str = "application/json; charset=utf-8",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         # One write per response: headers and body in the same TCP segment.
         data = self._head(h, rec, status, content_type, headers, len(payload)) + payload
         # Set before the write, so a client that got the response always sees it.
@@ -904,8 +944,10 @@ class MoonshotStandIn:
     def _send_error(self, h: _Handler, rec: RecordedRequest, err: _HTTPError) -> None:
         if err.error_type is None:
             reason = _REASONS.get(err.status, "Error")
-            page = (f"<html>\r\n<head><title>{err.status} {reason}</title></head>\r\n<body>\r\n"
-                    f"<center><h1>{err.status} {reason}</h1></center>\r\n</body>\r\n</html>\r\n")
+            page = (
+                f"<html>\r\n<head><title>{err.status} {reason}</title></head>\r\n<body>\r\n"
+                f"<center><h1>{err.status} {reason}</h1></center>\r\n</body>\r\n</html>\r\n"
+            )
             self._send(h, rec, err.status, page.encode(), "text/html", err.headers)
             return
         body = {"error": {"type": err.error_type, "message": err.message}}
@@ -915,8 +957,9 @@ class MoonshotStandIn:
 
     def _validate(self, body: Any, bad_json: bool) -> tuple[str, ModelInfo, list[Any]]:
         if bad_json or not isinstance(body, dict):
-            raise _HTTPError(400, "invalid_request_error",
-                             "Invalid request: body is not a JSON object")
+            raise _HTTPError(
+                400, "invalid_request_error", "Invalid request: body is not a JSON object"
+            )
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise _HTTPError(400, "invalid_request_error", "Invalid request: model is required")
@@ -924,11 +967,16 @@ class MoonshotStandIn:
         if info is None:
             raise self._not_found(model)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
         ):
-            raise _HTTPError(400, "invalid_request_error",
-                             "Invalid request: messages must be a non-empty list of messages")
+            raise _HTTPError(
+                400,
+                "invalid_request_error",
+                "Invalid request: messages must be a non-empty list of messages",
+            )
         return model, info, messages
 
     def _take_fault(self) -> Fault | None:
@@ -946,8 +994,9 @@ class MoonshotStandIn:
             return Fault.error(500, "server_error", _DEFAULT_MESSAGES["server_error"])
         return Fault.error(503, "server_error", "Service Unavailable")
 
-    def _chat(self, h: _Handler, rec: RecordedRequest, raw: bytes, body: Any,
-              bad_json: bool) -> None:
+    def _chat(
+        self, h: _Handler, rec: RecordedRequest, raw: bytes, body: Any, bad_json: bool
+    ) -> None:
         fault = self._take_fault()
         rec.fault = fault
         if fault is not None:
@@ -964,36 +1013,47 @@ class MoonshotStandIn:
             message = message.replace("{model}", str(model_hint))
             raise _HTTPError(fault.status, fault.error_type, message, fault.headers)
         if fault is not None and fault.kind == "html":
-            page = b"<!DOCTYPE html><html><head><title>Moonshot</title></head><body>" \
-                   b"<p>Service temporarily unavailable.</p></body></html>"
+            page = (
+                b"<!DOCTYPE html><html><head><title>Moonshot</title></head><body>"
+                b"<p>Service temporarily unavailable.</p></body></html>"
+            )
             self._send(h, rec, 200, page, "text/html; charset=utf-8")
             return
         if self.balance.get("available_balance", 1.0) <= 0:
-            raise _HTTPError(429, "exceeded_current_quota_error",
-                             _DEFAULT_MESSAGES["exceeded_current_quota_error"])
+            raise _HTTPError(
+                429,
+                "exceeded_current_quota_error",
+                _DEFAULT_MESSAGES["exceeded_current_quota_error"],
+            )
         model, info, messages = self._validate(body, bad_json)
         n = body.get("n", 1)
         if n is None:
             n = 1
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 5:
-            raise _HTTPError(400, "invalid_request_error",
-                             "Invalid request: n should be between 1 and 5")
+            raise _HTTPError(
+                400, "invalid_request_error", "Invalid request: n should be between 1 and 5"
+            )
         max_tokens = body.get("max_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_completion_tokens")
         if max_tokens is not None and (
             not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
         ):
-            raise _HTTPError(400, "invalid_request_error",
-                             "Invalid request: max_tokens must be a positive integer")
+            raise _HTTPError(
+                400,
+                "invalid_request_error",
+                "Invalid request: max_tokens must be a positive integer",
+            )
         limit = max_tokens if max_tokens is not None else info.default_max_tokens
         prompt = self._count_cached(raw, body)
         if prompt > info.context_window:
             raise _HTTPError(400, "invalid_request_error", "Input token length too long")
         if prompt + limit > info.context_window:
-            raise _HTTPError(400, "invalid_request_error",
-                             "Invalid request: Your request exceeded model token limit: "
-                             f"{info.context_window}")
+            raise _HTTPError(
+                400,
+                "invalid_request_error",
+                f"Invalid request: Your request exceeded model token limit: {info.context_window}",
+            )
         cached = self._cached_tokens(body, messages, prompt, fault)
         reply = self._reply_for(body)
         if body.get("stream"):
@@ -1021,8 +1081,9 @@ class MoonshotStandIn:
                 self._replies.popitem(last=False)
         return reply
 
-    def _cached_tokens(self, body: dict[str, Any], messages: list[Any], prompt: int,
-                       fault: Fault | None) -> int:
+    def _cached_tokens(
+        self, body: dict[str, Any], messages: list[Any], prompt: int, fault: Fault | None
+    ) -> int:
         forced = fault.cached_tokens if fault is not None else None
         if forced is None:
             forced = self.forced_cached_tokens
@@ -1062,13 +1123,21 @@ class MoonshotStandIn:
                     self._prefixes[chain[hit - 1]] = hit_tokens
         return min(prompt, hit_tokens // CACHE_BLOCK_TOKENS * CACHE_BLOCK_TOKENS)
 
-    def _usage(self, prompt: int, completion: int, cached: int,
-               *, stream: bool) -> tuple[dict[str, int], dict[str, Any]]:
+    def _usage(
+        self, prompt: int, completion: int, cached: int, *, stream: bool
+    ) -> tuple[dict[str, int], dict[str, Any]]:
         """(what Moonshot bills, what the response reports) in the configured style."""
-        billed = {"prompt_tokens": prompt, "completion_tokens": completion,
-                  "total_tokens": prompt + completion, "cached_tokens": cached}
-        reported: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                                    "total_tokens": prompt + completion}
+        billed = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cached_tokens": cached,
+        }
+        reported: dict[str, Any] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
         # The captured Moonshot stream chunk has no cached_tokens; non-stream bodies always do.
         if self.usage_style in ("moonshot", "both") and (cached or not stream):
             reported["cached_tokens"] = cached
@@ -1076,8 +1145,18 @@ class MoonshotStandIn:
             reported["prompt_tokens_details"] = {"cached_tokens": cached}
         return billed, reported
 
-    def _complete(self, h: _Handler, rec: RecordedRequest, model: str, reply: _Reply, n: int,
-                  limit: int, prompt: int, cached: int, fault: Fault | None) -> None:
+    def _complete(
+        self,
+        h: _Handler,
+        rec: RecordedRequest,
+        model: str,
+        reply: _Reply,
+        n: int,
+        limit: int,
+        prompt: int,
+        cached: int,
+        fault: Fault | None,
+    ) -> None:
         cut = reply.cut(limit)
         pieces = reply.pieces[:cut]
         finish = "length" if cut < len(reply.pieces) else "stop"
@@ -1104,8 +1183,9 @@ class MoonshotStandIn:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": i, "message": message, "finish_reason": finish}
-                        for i in range(n)],
+            "choices": [
+                {"index": i, "message": message, "finish_reason": finish} for i in range(n)
+            ],
         }
         usage: Any = reported
         if kind == "no_usage":
@@ -1136,26 +1216,43 @@ class MoonshotStandIn:
                     del self.billed[i]
                     break
 
-    def _stream(self, h: _Handler, rec: RecordedRequest, model: str, reply: _Reply, n: int,
-                limit: int, prompt: int, cached: int, include_usage: bool,
-                fault: Fault | None) -> None:
+    def _stream(
+        self,
+        h: _Handler,
+        rec: RecordedRequest,
+        model: str,
+        reply: _Reply,
+        n: int,
+        limit: int,
+        prompt: int,
+        cached: int,
+        include_usage: bool,
+        fault: Fault | None,
+    ) -> None:
         kind = fault.kind if fault is not None else "ok"
         drop_after = fault.drop_after_chunks if fault is not None and kind == "drop" else -1
         garbage_at = fault.garbage_at if fault is not None and kind == "garbage_chunk" else -1
         chat_id = f"chatcmpl-{self._next_id()}"
-        head = (f'data: {{"id":"{chat_id}","object":"chat.completion.chunk",'
-                f'"created":{int(time.time())},"model":{json.dumps(model)},'
-                f'"system_fingerprint":"fpv0_standin","choices":[').encode()
+        head = (
+            f'data: {{"id":"{chat_id}","object":"chat.completion.chunk",'
+            f'"created":{int(time.time())},"model":{json.dumps(model)},'
+            f'"system_fingerprint":"fpv0_standin","choices":['
+        ).encode()
         generated = 0  # completion tokens sent so far: what a torn stream still costs
 
         def content_events() -> Iterator[tuple[bytes, int]]:
-            yield head + b'{"index":0,"delta":{"role":"assistant","content":""},' \
-                         b'"finish_reason":null}]}\n\n', 0
+            yield (
+                head + b'{"index":0,"delta":{"role":"assistant","content":""},'
+                b'"finish_reason":null}]}\n\n',
+                0,
+            )
             for index in range(n):
                 prefix = head + b'{"index":%d,"delta":{"' % index
                 for piece in self._stream_pieces(reply, limit):
-                    yield (prefix + piece.key + b'":' + piece.json
-                           + b'},"finish_reason":null}]}\n\n', piece.tokens)
+                    yield (
+                        prefix + piece.key + b'":' + piece.json + b'},"finish_reason":null}]}\n\n',
+                        piece.tokens,
+                    )
 
         truncated = self.stream_chunks is None and reply.cut(limit) < len(reply.pieces)
         finish = "length" if truncated else "stop"
@@ -1201,9 +1298,11 @@ class MoonshotStandIn:
                     final["usage"] = usage  # Moonshot's quirk: usage inside the choice
                 buf += head + _dumps(final) + b"]}\n\n"
             if include_usage and usage is not OMIT:
-                buf += (f'data: {{"id":"{chat_id}","object":"chat.completion.chunk",'
-                        f'"created":{int(time.time())},"model":{json.dumps(model)},'
-                        f'"system_fingerprint":"fpv0_standin","choices":[],"usage":').encode()
+                buf += (
+                    f'data: {{"id":"{chat_id}","object":"chat.completion.chunk",'
+                    f'"created":{int(time.time())},"model":{json.dumps(model)},'
+                    f'"system_fingerprint":"fpv0_standin","choices":[],"usage":'
+                ).encode()
                 buf += _dumps(usage) + b"}\n\n"
             buf += b"data: [DONE]\n\n"
             if usage is not OMIT:
@@ -1226,7 +1325,7 @@ class MoonshotStandIn:
     def _stream_pieces(self, reply: _Reply, limit: int) -> Iterator[_Piece]:
         pieces = reply.pieces
         reasoning = [p for p in pieces if p.key == b"reasoning_content"]
-        content: Sequence[_Piece] = pieces[len(reasoning):]
+        content: Sequence[_Piece] = pieces[len(reasoning) :]
         forced = self.stream_chunks
         if forced is None:
             yield from pieces[: reply.cut(limit)]
@@ -1244,7 +1343,7 @@ class MoonshotStandIn:
         # Fewer chunks than pieces: group neighbours so the whole reply still goes out.
         bounds = [len(content) * j // forced for j in range(forced + 1)]
         for j in range(forced):
-            group = content[bounds[j]:bounds[j + 1]]
+            group = content[bounds[j] : bounds[j + 1]]
             text = "".join(p.text for p in group)
             yield _Piece(b"content", text, _dumps(text), sum(p.tokens for p in group))
 
@@ -1257,16 +1356,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--latency", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        default=(0.0, 0.0), help="random delay per request, seconds")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=(0.0, 0.0),
+        help="random delay per request, seconds",
+    )
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--stream-chunks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--reply", default=DEFAULT_REPLY)
     args = parser.parse_args(argv)
     server = MoonshotStandIn(
-        host=args.host, port=args.port, latency=tuple(args.latency),
-        error_rate=args.error_rate, stream_chunks=args.stream_chunks, seed=args.seed,
+        host=args.host,
+        port=args.port,
+        latency=tuple(args.latency),
+        error_rate=args.error_rate,
+        stream_chunks=args.stream_chunks,
+        seed=args.seed,
         reply=args.reply,
     ).start()
     print(server.base_url, flush=True)

@@ -189,19 +189,52 @@ def test_retry_after_headers_are_honoured_and_capped(
 def test_connection_errors_are_retried_and_recorded(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
 ) -> None:
+    # A refused connection never sent the request: retrying it cannot bill twice.
     route = moonshot_mock.post("/chat/completions").mock(
         side_effect=[
             httpx.ConnectError("refused"),
-            httpx.ReadTimeout("slow"),
+            httpx.ConnectError("refused"),
             httpx.ConnectError("refused"),
         ]
     )
     with pytest.raises(openai.APIConnectionError):
         mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
-    assert route.call_count == 3
+    assert route.call_count == 3 and len(waits) == 2
     [row] = rows(mocked_client)
     assert row["status"] == "error" and row["attempts"] == 3 and row["cost_nanos"] == 0
+    assert row["estimated"] == 0
     assert mocked_client.ledger.pending() == []
+
+
+@pytest.mark.parametrize("failure", [httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("gone")])
+def test_a_sent_call_without_an_answer_is_charged_and_not_resent(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float], failure: Exception
+) -> None:
+    # Moonshot may bill a request whose answer never arrived; a second try could bill again
+    # beyond the call's reservation, so the cap could not hold.
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[failure, httpx.Response(200, json=completion())]
+    )
+    with pytest.raises(openai.APIConnectionError):
+        mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 1 and waits == []
+    [row] = rows(mocked_client)
+    assert row["status"] == "error" and row["estimated"] == 1 and row["attempts"] == 1
+    assert row["cost_nanos"] == row["prompt_estimate"] * 600
+    assert mocked_client.ledger.pending() == []
+
+
+def test_other_endpoints_still_retry_timeouts(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    route = moonshot_mock.get("/models").mock(
+        side_effect=[
+            httpx.ReadTimeout("slow"),
+            httpx.Response(200, json={"object": "list", "data": []}),
+        ]
+    )
+    assert mocked_client.models.list().data == []
+    assert route.call_count == 2 and len(waits) == 1
 
 
 def test_stream_failing_midway_is_recorded_not_retried(
