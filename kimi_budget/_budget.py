@@ -187,11 +187,9 @@ def window_bounds(window: str, instant: datetime, tz: ZoneInfo) -> tuple[datetim
 
 
 def _local_midnight(day: Any, tz: ZoneInfo) -> datetime:
-    naive = datetime(day.year, day.month, day.day)
-    # A zone whose DST starts at midnight has no 00:00 that day; the day starts at the first
-    # instant that exists, which round-tripping through UTC finds.
-    aware = naive.replace(tzinfo=tz)
-    return aware.astimezone(UTC).astimezone(tz).replace(tzinfo=tz).astimezone(UTC)
+    # A zone whose DST starts at midnight has no 00:00 that day: zoneinfo reads the missing
+    # time with the offset before the change, which lands on the first instant that exists.
+    return datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(UTC)
 
 
 _WINDOW_KEYS: dict[tuple[Any, ...], str] = {}

@@ -6,8 +6,9 @@ A call moves through the ledger in two short write transactions:
    totals; refuse if the projected cost does not fit; insert a ``pending`` row and add its
    projected cost to the totals as reserved. Checking and reserving in one transaction is what
    keeps N processes from overshooting a cap together.
-2. ``settle``: turn the row into its final state (ok, error, abandoned, interrupted) with the
-   billed cost, move the amount from reserved to spent. Settling is idempotent by ``call_id``.
+2. ``settle``: turn the row into its final state (ok, error, abandoned, interrupted,
+   cancelled) with the billed cost, move the amount from reserved to spent. Settling is
+   idempotent by ``call_id``. Triggers keep the ``usage_rollup`` table that reports read.
 
 A reservation whose process died stays ``pending`` until ``expires_at``; the next write turns
 it into an ``expired`` row charged the estimated input cost (the server may have billed the
@@ -16,7 +17,8 @@ prompt), flagged as estimated. If the real settlement arrives later, it replaces
 If a settlement cannot be written (disk full, file locked past the busy timeout, read-only
 file system) it goes to ``<ledger>.fallback.jsonl`` and is merged on the next open.
 
-``LedgerBackend`` is the interface the client uses, so that a PostgreSQL ledger can follow.
+``LedgerBackend`` is the interface a PostgreSQL ledger for teams on several machines would
+implement (reserve, settle, extend, spend).
 """
 
 from __future__ import annotations
@@ -72,8 +74,6 @@ _UPDATE_CALL = (
     "request_id = ?, latency_ms = ?, error = ?, note = ?, expires_at = NULL "
     "WHERE call_id = ?"
 )
-# Statuses of a finished call; "pending" is a reservation in flight.
-FINAL_STATUSES = ("ok", "error", "abandoned", "interrupted", "cancelled", "expired")
 
 
 def _utcnow() -> datetime:
@@ -820,7 +820,7 @@ class Ledger:
     ) -> tuple[str, list[Any]]:
         """A SQL ``AND ...`` clause (bound parameters only) for the common filters.
 
-        ``use_indexes=False`` keeps SQLite off the time and model indexes (a unary ``+``), for
+        ``use_indexes=False`` keeps SQLite off the ``created_at`` index (a unary ``+``), for
         queries that a smaller index serves better, such as the few pending rows.
         """
         column = "" if use_indexes else "+"

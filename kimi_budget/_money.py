@@ -40,13 +40,6 @@ def parse_usd(value: object, *, what: str) -> Decimal:
     return amount
 
 
-def usd_to_nanos_ceil(amount: Decimal) -> int:
-    """USD as nano-dollars, rounded up: a cap of $0.0000000015 allows 1 nano-dollar, not 2."""
-    scaled = amount * NANOS_PER_USD
-    whole = int(scaled)
-    return whole if scaled == whole else whole + (1 if scaled > 0 else 0)
-
-
 def usd_to_nanos_floor(amount: Decimal) -> int:
     """USD as nano-dollars, rounded down: a cap never grows by rounding."""
     return int(amount * NANOS_PER_USD)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ._exceptions import PriceTableError, UnknownModelError
 from ._money import call_cost_nanos, price_to_nanos_per_token
+from ._tokens import TOKENIZER_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +29,7 @@ else:  # pragma: no cover
 __all__ = ["BUILTIN_SOURCE", "ModelPrice", "PriceTable"]
 
 BUILTIN_SOURCE = "built-in (Moonshot pricing document)"
-TOKENIZERS = ("kimi_k2", "kimi_k3", "approximate")
+TOKENIZERS = TOKENIZER_NAMES
 _PRICE_KEYS = ("cache_hit", "cache_miss", "output")
 _KNOWN_KEYS = {*_PRICE_KEYS, "context_window", "default_max_tokens", "tokenizer", "input"}
 _DEFAULT_MAX_TOKENS = 1024  # "we will use a good default integer like 1024" (Moonshot chat docs)

@@ -444,6 +444,13 @@ class _Server(ThreadingHTTPServer):
         self.server_name = str(host)
         self.server_port = int(port)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that drops its connection (a killed worker, an abandoned stream) is normal
+        # here; socketserver would print a traceback for each one.
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

@@ -31,7 +31,8 @@ MODEL = "kimi-k2.5"
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 # Long enough to pass the 256-token threshold of prefix caching under any counter.
 LONG_SYSTEM: ChatCompletionMessageParam = {
-    "role": "system", "content": "You are a careful assistant. " * 300
+    "role": "system",
+    "content": "You are a careful assistant. " * 300,
 }
 
 
@@ -86,8 +87,12 @@ def test_non_stream_usage_is_moonshot_shaped(
     raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HI)
     assert raw.headers.get("msh-request-id")
     body = raw.http_response.json()
-    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens",
-                                  "cached_tokens"}
+    assert set(body["usage"]) == {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+    }
     resp = raw.parse()
     assert resp.id.startswith("chatcmpl-")
     assert resp.choices[0].message.content == DEFAULT_REPLY
@@ -99,9 +104,14 @@ def test_non_stream_usage_is_moonshot_shaped(
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert usage.model_extra is not None and usage.model_extra["cached_tokens"] == 0
     assert usage.prompt_tokens_details is None
-    assert server.billed == [{"prompt_tokens": usage.prompt_tokens,
-                              "completion_tokens": usage.completion_tokens,
-                              "total_tokens": usage.total_tokens, "cached_tokens": 0}]
+    assert server.billed == [
+        {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+            "cached_tokens": 0,
+        }
+    ]
 
 
 @pytest.mark.parametrize("style", ["openai", "both"])
@@ -114,17 +124,18 @@ def test_usage_styles(style: str) -> None:
         assert ("cached_tokens" in usage) == (style == "both")
 
 
-def test_prefix_cache_hits_on_a_seen_prefix(
-    server: MoonshotStandIn, client: openai.OpenAI
-) -> None:
+def test_prefix_cache_hits_on_a_seen_prefix(server: MoonshotStandIn, client: openai.OpenAI) -> None:
     first: list[ChatCompletionMessageParam] = [
-        LONG_SYSTEM, {"role": "user", "content": "What is 2+2?"}
+        LONG_SYSTEM,
+        {"role": "user", "content": "What is 2+2?"},
     ]
     r1 = client.chat.completions.create(model=MODEL, messages=first)
     assert r1.usage is not None and r1.usage.model_extra is not None
     assert r1.usage.model_extra["cached_tokens"] == 0
     second: list[ChatCompletionMessageParam] = [
-        *first, {"role": "assistant", "content": "4"}, {"role": "user", "content": "x3?"}
+        *first,
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "x3?"},
     ]
     r2 = client.chat.completions.create(model=MODEL, messages=second)
     assert r2.usage is not None and r2.usage.model_extra is not None
@@ -146,8 +157,9 @@ def test_short_prompts_are_never_cached(client: openai.OpenAI) -> None:
         assert r.usage.model_extra["cached_tokens"] == 0
 
 
-def test_forced_cached_tokens_are_capped_at_prompt(server: MoonshotStandIn,
-                                                    client: openai.OpenAI) -> None:
+def test_forced_cached_tokens_are_capped_at_prompt(
+    server: MoonshotStandIn, client: openai.OpenAI
+) -> None:
     server.queue_fault(Fault.cached(7))
     server.queue_fault(Fault.cached(10**9))
     r1 = client.chat.completions.create(model=MODEL, messages=HI)
@@ -170,8 +182,9 @@ def test_max_tokens_truncates(client: openai.OpenAI) -> None:
     assert r.choices[0].finish_reason == "length"
     assert r.usage is not None and 0 < r.usage.completion_tokens <= 5
     assert DEFAULT_REPLY.startswith(r.choices[0].message.content or "-")
-    s = client.chat.completions.create(model=MODEL, messages=HI, max_completion_tokens=5,
-                                       stream=True)
+    s = client.chat.completions.create(
+        model=MODEL, messages=HI, max_completion_tokens=5, stream=True
+    )
     chunks = list(s)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert choice_usage(chunks[-1])["completion_tokens"] == r.usage.completion_tokens
@@ -187,11 +200,11 @@ def test_reasoning_is_billed_as_output() -> None:
         assert message.content == "Hi!"
         expected = kimi_tokens("Let me think. The user greets me.") + kimi_tokens("Hi!")
         assert r.usage is not None and r.usage.completion_tokens == expected
-        chunks = list(c.chat.completions.create(model="kimi-k2-thinking", messages=HI,
-                                                stream=True))
+        chunks = list(c.chat.completions.create(model="kimi-k2-thinking", messages=HI, stream=True))
         thought = "".join(
             (ch.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
-            for ch in chunks if ch.choices
+            for ch in chunks
+            if ch.choices
         )
         assert thought == "Let me think. The user greets me."
         assert choice_usage(chunks[-1])["completion_tokens"] == expected
@@ -200,8 +213,9 @@ def test_reasoning_is_billed_as_output() -> None:
 # -- streams ----------------------------------------------------------------------------------
 
 
-def test_stream_usage_sits_in_the_final_choice(server: MoonshotStandIn,
-                                               client: openai.OpenAI) -> None:
+def test_stream_usage_sits_in_the_final_choice(
+    server: MoonshotStandIn, client: openai.OpenAI
+) -> None:
     chunks = list(client.chat.completions.create(model=MODEL, messages=HI, stream=True))
     assert all(ch.usage is None for ch in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -212,16 +226,18 @@ def test_stream_usage_sits_in_the_final_choice(server: MoonshotStandIn,
     usage = choice_usage(final)
     assert isinstance(usage, dict)
     assert usage["completion_tokens"] == kimi_tokens(DEFAULT_REPLY)
-    assert usage["prompt_tokens"] == server.count_prompt_tokens({"model": MODEL,
-                                                                 "messages": HI})
+    assert usage["prompt_tokens"] == server.count_prompt_tokens({"model": MODEL, "messages": HI})
     assert all(choice_usage(ch) is None for ch in chunks[:-1])
     assert len({ch.id for ch in chunks}) == 1
     assert server.billed[0]["completion_tokens"] == usage["completion_tokens"]
 
 
 def test_stream_include_usage_adds_openai_chunk(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=HI, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=HI, stream=True, stream_options={"include_usage": True}
+        )
+    )
     last, before = chunks[-1], chunks[-2]
     assert last.choices == []
     assert last.usage is not None
@@ -238,8 +254,11 @@ def test_stream_chunks_forced_many_and_few() -> None:
     with MoonshotStandIn(stream_chunks=3) as s:
         c = openai.OpenAI(base_url=s.base_url, api_key="k", max_retries=0)
         chunks = list(c.chat.completions.create(model=MODEL, messages=HI, stream=True))
-        texts = [ch.choices[0].delta.content or "" for ch in chunks
-                 if ch.choices and ch.choices[0].delta.content]
+        texts = [
+            ch.choices[0].delta.content or ""
+            for ch in chunks
+            if ch.choices and ch.choices[0].delta.content
+        ]
         assert len(texts) == 3 and "".join(texts) == DEFAULT_REPLY
         assert choice_usage(chunks[-1])["completion_tokens"] == kimi_tokens(DEFAULT_REPLY)
 
@@ -247,8 +266,9 @@ def test_stream_chunks_forced_many_and_few() -> None:
 def test_stream_of_100k_chunks_is_fast() -> None:
     with MoonshotStandIn(stream_chunks=100_000) as s:
         started = time.perf_counter()
-        status, resp, data = raw_request(s, "POST", "/v1/chat/completions",
-                                         {"model": MODEL, "messages": HI, "stream": True})
+        status, resp, data = raw_request(
+            s, "POST", "/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": True}
+        )
         elapsed = time.perf_counter() - started
         assert status == 200
         assert resp.getheader("Content-Type") == "text/event-stream"
@@ -263,15 +283,18 @@ def test_stream_of_100k_chunks_is_fast() -> None:
 # -- errors ---------------------------------------------------------------------------------
 
 
-def test_context_window_is_input_plus_output(server: MoonshotStandIn,
-                                             client: openai.OpenAI) -> None:
+def test_context_window_is_input_plus_output(
+    server: MoonshotStandIn, client: openai.OpenAI
+) -> None:
     prompt = server.count_prompt_tokens({"model": "moonshot-v1-8k", "messages": HI})
-    ok = client.chat.completions.create(model="moonshot-v1-8k", messages=HI,
-                                        max_tokens=8192 - prompt)
+    ok = client.chat.completions.create(
+        model="moonshot-v1-8k", messages=HI, max_tokens=8192 - prompt
+    )
     assert ok.usage is not None
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="moonshot-v1-8k", messages=HI,
-                                       max_tokens=8192 - prompt + 1)
+        client.chat.completions.create(
+            model="moonshot-v1-8k", messages=HI, max_tokens=8192 - prompt + 1
+        )
     assert info.value.status_code == 400
     assert info.value.body == {
         "type": "invalid_request_error",
@@ -290,8 +313,9 @@ def test_context_check_uses_default_max_tokens() -> None:
         c.chat.completions.create(model="moonshot-v1-8k", messages=HI, max_tokens=600)
         s.reset()
         with pytest.raises(openai.BadRequestError, match="Input token length too long"):
-            c.chat.completions.create(model="moonshot-v1-8k",
-                                      messages=[{"role": "user", "content": "x" * 40_000}])
+            c.chat.completions.create(
+                model="moonshot-v1-8k", messages=[{"role": "user", "content": "x" * 40_000}]
+            )
         s2 = MoonshotStandIn(count_tokens=lambda body: 9000)
         assert s2.count_prompt_tokens({}) == 9000
 
@@ -299,8 +323,10 @@ def test_context_check_uses_default_max_tokens() -> None:
 def test_unknown_model_is_404_and_extra_models_are_accepted(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4o", messages=HI)
-    assert info.value.body == {"type": "resource_not_found_error",
-                               "message": "Not found the model gpt-4o or Permission denied"}
+    assert info.value.body == {
+        "type": "resource_not_found_error",
+        "message": "Not found the model gpt-4o or Permission denied",
+    }
     with MoonshotStandIn(extra_models={"kimi-k9": 1000}) as s:
         c = openai.OpenAI(base_url=s.base_url, api_key="k", max_retries=0)
         c.chat.completions.create(model="kimi-k9", messages=HI, max_tokens=10)
@@ -330,14 +356,16 @@ def test_any_key_works_without_api_key() -> None:
         assert c.chat.completions.create(model=MODEL, messages=HI).usage is not None
 
 
-def test_balance_endpoint_and_empty_account(client: openai.OpenAI,
-                                            server: MoonshotStandIn) -> None:
+def test_balance_endpoint_and_empty_account(client: openai.OpenAI, server: MoonshotStandIn) -> None:
     status, _, data = raw_request(server, "GET", "/v1/users/me/balance")
     assert status == 200
     assert json.loads(data) == {
         "code": 0,
-        "data": {"available_balance": 49.58894, "voucher_balance": 46.58893,
-                 "cash_balance": 3.00001},
+        "data": {
+            "available_balance": 49.58894,
+            "voucher_balance": 46.58893,
+            "cash_balance": 3.00001,
+        },
         "scode": "0x0",
         "status": True,
     }
@@ -347,21 +375,31 @@ def test_balance_endpoint_and_empty_account(client: openai.OpenAI,
     assert info.value.body["type"] == "exceeded_current_quota_error"  # type: ignore[index]
 
 
-def test_estimate_endpoint_matches_chat_prompt_tokens(server: MoonshotStandIn,
-                                                      client: openai.OpenAI) -> None:
+def test_estimate_endpoint_matches_chat_prompt_tokens(
+    server: MoonshotStandIn, client: openai.OpenAI
+) -> None:
     messages: list[ChatCompletionMessageParam] = [
-        LONG_SYSTEM, {"role": "user", "content": "Zähle die Tokens 🙂"}
+        LONG_SYSTEM,
+        {"role": "user", "content": "Zähle die Tokens 🙂"},
     ]
-    status, _, data = raw_request(server, "POST", "/v1/tokenizers/estimate-token-count",
-                                  {"model": MODEL, "messages": messages})
+    status, _, data = raw_request(
+        server,
+        "POST",
+        "/v1/tokenizers/estimate-token-count",
+        {"model": MODEL, "messages": messages},
+    )
     assert status == 200
     body = json.loads(data)
     assert body["code"] == 0 and body["scode"] == "0x0" and body["status"] is True
     r = client.chat.completions.create(model=MODEL, messages=messages)
     assert r.usage is not None
     assert body["data"] == {"total_tokens": r.usage.prompt_tokens}
-    status, _, _ = raw_request(server, "POST", "/v1/tokenizers/estimate-token-count",
-                               {"model": "nope", "messages": messages})
+    status, _, _ = raw_request(
+        server,
+        "POST",
+        "/v1/tokenizers/estimate-token-count",
+        {"model": "nope", "messages": messages},
+    )
     assert status == 404
 
 
@@ -382,8 +420,9 @@ def test_bad_request_bodies(server: MoonshotStandIn) -> None:
 # -- faults ---------------------------------------------------------------------------------
 
 
-def test_fail_next_rate_limit_has_no_retry_after(server: MoonshotStandIn,
-                                                 client: openai.OpenAI) -> None:
+def test_fail_next_rate_limit_has_no_retry_after(
+    server: MoonshotStandIn, client: openai.OpenAI
+) -> None:
     server.fail_next(429, "rate_limit_reached_error", times=2)
     for _ in range(2):
         with pytest.raises(openai.RateLimitError) as info:
@@ -392,7 +431,7 @@ def test_fail_next_rate_limit_has_no_retry_after(server: MoonshotStandIn,
         assert err.body == {
             "type": "rate_limit_reached_error",
             "message": "Your account org-xxx<ak-xxx> request reached organization max RPM: "
-                       "200, please try again after 1 seconds",
+            "200, please try again after 1 seconds",
         }
         assert "retry-after" not in err.response.headers
         assert err.response.headers.get("msh-request-id")
@@ -412,8 +451,13 @@ def test_fail_next_rate_limit_has_no_retry_after(server: MoonshotStandIn,
         (404, "resource_not_found_error", openai.NotFoundError),
     ],
 )
-def test_fail_next_kinds(server: MoonshotStandIn, client: openai.OpenAI, status: int,
-                         error_type: str, exc: type[openai.APIStatusError]) -> None:
+def test_fail_next_kinds(
+    server: MoonshotStandIn,
+    client: openai.OpenAI,
+    status: int,
+    error_type: str,
+    exc: type[openai.APIStatusError],
+) -> None:
     server.fail_next(status, error_type, headers={"Retry-After": "3"})
     with pytest.raises(exc) as info:
         client.chat.completions.create(model=MODEL, messages=HI)
@@ -426,8 +470,9 @@ def test_fail_next_kinds(server: MoonshotStandIn, client: openai.OpenAI, status:
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
-def test_gateway_errors_without_type_send_html(server: MoonshotStandIn,
-                                               client: openai.OpenAI, status: int) -> None:
+def test_gateway_errors_without_type_send_html(
+    server: MoonshotStandIn, client: openai.OpenAI, status: int
+) -> None:
     server.fail_next(status, None)
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(model=MODEL, messages=HI)
@@ -454,8 +499,7 @@ def test_drop_stream_after_k_chunks(server: MoonshotStandIn, client: openai.Open
     assert client.chat.completions.create(model=MODEL, messages=HI).usage is not None
 
 
-def test_drop_non_stream_sends_nothing(server: MoonshotStandIn,
-                                       client: openai.OpenAI) -> None:
+def test_drop_non_stream_sends_nothing(server: MoonshotStandIn, client: openai.OpenAI) -> None:
     server.queue_fault(Fault.drop_stream(0))
     with pytest.raises(openai.APIConnectionError):
         client.chat.completions.create(model=MODEL, messages=HI)
@@ -485,8 +529,11 @@ def test_garbage_chunk(server: MoonshotStandIn, client: openai.OpenAI) -> None:
 
 def test_stream_without_usage(server: MoonshotStandIn, client: openai.OpenAI) -> None:
     server.queue_fault(Fault.without_usage())
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=HI, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=HI, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert all(choice_usage(ch) is None and ch.usage is None for ch in chunks)
     assert server.billed == []
@@ -524,8 +571,9 @@ def test_usage_override(server: MoonshotStandIn, client: openai.OpenAI, usage: A
     assert all(b["completion_tokens"] == kimi_tokens(DEFAULT_REPLY) for b in server.billed)
 
 
-def test_delay_fault_times_out_and_is_not_billed(server: MoonshotStandIn,
-                                                 client: openai.OpenAI) -> None:
+def test_delay_fault_times_out_and_is_not_billed(
+    server: MoonshotStandIn, client: openai.OpenAI
+) -> None:
     server.queue_fault(Fault.slow(0.5))
     with pytest.raises(openai.APITimeoutError):
         client.with_options(timeout=0.1).chat.completions.create(model=MODEL, messages=HI)
@@ -550,8 +598,11 @@ def test_on_request_hooks(server: MoonshotStandIn, client: openai.OpenAI) -> Non
     server.queue_fault(Fault(on_request=one))
     client.chat.completions.create(model=MODEL, messages=HI)
     client.models.list()
-    assert seen == [("global", "/v1/chat/completions", 0), ("fault", MODEL, 0),
-                    ("global", "/v1/models", 1)]
+    assert seen == [
+        ("global", "/v1/chat/completions", 0),
+        ("fault", MODEL, 0),
+        ("global", "/v1/models", 1),
+    ]
 
 
 def test_error_rate_mixes_retryable_errors() -> None:
@@ -600,11 +651,9 @@ def test_keep_alive_across_streams(server: MoonshotStandIn) -> None:
     # The sync openai 3.57 Stream closes its response at [DONE] without reading the chunked
     # terminator, so it never reuses a streamed connection; the async one drains and does.
     async def run() -> None:
-        async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY,
-                                      max_retries=0) as c:
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as c:
             await c.chat.completions.create(model=MODEL, messages=HI)
-            async for _ in await c.chat.completions.create(model=MODEL, messages=HI,
-                                                           stream=True):
+            async for _ in await c.chat.completions.create(model=MODEL, messages=HI, stream=True):
                 pass
             await c.chat.completions.create(model=MODEL, messages=HI)
 
@@ -658,8 +707,7 @@ def test_concurrent_clients(server: MoonshotStandIn, client: openai.OpenAI) -> N
 
 def test_async_client(server: MoonshotStandIn) -> None:
     async def run() -> tuple[Any, list[Any]]:
-        async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY,
-                                      max_retries=0) as c:
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0) as c:
             r = await c.chat.completions.create(model=MODEL, messages=HI)
             stream = await c.chat.completions.create(model=MODEL, messages=HI, stream=True)
             chunks = [ch async for ch in stream]
@@ -685,8 +733,11 @@ def test_reset_and_restart() -> None:
 
 
 def test_cli_prints_base_url() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "kimi_budget.testing", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kimi_budget.testing", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         base_url = proc.stdout.readline().strip()
