@@ -54,6 +54,25 @@ FUZZ = settings(
 )
 
 
+def call_and_consume(
+    client: kb.OpenAI, stream: bool
+) -> tuple[list[warnings.WarningMessage], BaseException | None]:
+    """One chat call read to the end: the warnings it gave and what it raised, if anything."""
+    raised: BaseException | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = client.chat.completions.create(
+                model="kimi-k2.5", messages=HI, max_tokens=50, stream=stream
+            )
+            if stream:
+                for _ in result:
+                    pass
+        except Exception as exc:
+            raised = exc
+    return list(caught), raised
+
+
 # -- strategies -----------------------------------------------------------------------------------
 
 json_scalars = st.one_of(
@@ -439,18 +458,7 @@ def test_stand_in_faults_leave_one_flagged_row(
         api_key=KEY, base_url=server.base_url, ledger=tmp_path / "l.db", max_retries=0, timeout=5
     )
     server.queue_fault(FAULTS[name])
-    raised: BaseException | None = None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            result = client.chat.completions.create(
-                model="kimi-k2.5", messages=HI, max_tokens=50, stream=stream
-            )
-            if stream:
-                for _ in result:
-                    pass
-        except Exception as exc:
-            raised = exc
+    caught, raised = call_and_consume(client, stream)
     rows = client.ledger.calls(5)
     assert len(rows) == 1
     row = rows[0]
@@ -493,19 +501,8 @@ def test_stand_in_with_any_usage(
     client = kb.OpenAI(api_key=KEY, base_url=server.base_url, ledger=path, max_retries=0)
     before = len(client.ledger.calls(10**6))
     server.queue_fault(Fault.bad_usage(OMIT if usage is MISSING else usage))
-    raised: BaseException | None = None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            result = client.chat.completions.create(
-                model="kimi-k2.5", messages=HI, max_tokens=50, stream=stream
-            )
-            if stream:
-                for _ in result:
-                    pass
-        except Exception as exc:
-            raised = exc
-    judge(client.ledger, before, list(caught), raised, usage)
+    caught, raised = call_and_consume(client, stream)
+    judge(client.ledger, before, caught, raised, usage)
     client.close()
 
 
