@@ -816,6 +816,16 @@ def _response_format_text(body: Mapping[str, Any]) -> tuple[str | None, bool]:
     return _to_text(rf), False
 
 
+def _messages_of(body: Mapping[str, Any], prof: _Profile) -> tuple[Any, int]:
+    """The request's message list, and the tokens of a ``messages`` that is not a list."""
+    messages = body.get("messages")
+    if messages is None:
+        return (), 0
+    if not isinstance(messages, (list, tuple)):
+        return (), _garbage_messages(messages, prof)
+    return messages, 0
+
+
 def _garbage_messages(messages: object, prof: _Profile) -> int:
     """Tokens for a ``messages`` that is not a list: its text in one user turn."""
     return 4 + prof.count(_to_text(messages))
@@ -833,12 +843,9 @@ def _render_k2(body: Mapping[str, Any], prof: _Profile) -> tuple[int, bool]:
     n = 0
     style = _k2_style(body.get("model"))
 
-    messages: object = body.get("messages")
-    if messages is None:
-        messages = ()
-    elif not isinstance(messages, (list, tuple)):
-        n += _garbage_messages(messages, prof)
-        messages, exact = (), False
+    messages, garbage = _messages_of(body, prof)
+    if garbage:
+        n, exact = n + garbage, False
 
     tools = body.get("tools")
     if tools is None and body.get("functions"):
@@ -1013,12 +1020,9 @@ def _render_k3(body: Mapping[str, Any], prof: _Profile) -> tuple[int, bool]:
     if effort not in _K3_EFFORTS:
         effort = "max"
 
-    messages: object = body.get("messages")
-    if messages is None:
-        messages = ()
-    elif not isinstance(messages, (list, tuple)):
-        n += _garbage_messages(messages, prof)
-        messages, exact = (), False
+    messages, garbage = _messages_of(body, prof)
+    if garbage:
+        n, exact = n + garbage, False
 
     tools = body.get("tools")
     if tools:
