@@ -60,7 +60,7 @@ def _user_errors() -> Iterator[None]:
     from openai import APIConnectionError, APIStatusError, OpenAIError
 
     from ._exceptions import KimiBudgetError
-    from ._guard import redact
+    from ._redact import redact
 
     secrets = tuple(os.environ.get(name, "") for name in ("MOONSHOT_API_KEY", "OPENAI_API_KEY"))
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
-import re
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from ._budget import Budget
 from ._exceptions import ContextLengthExceededError, LedgerError
 from ._ledger import Ledger, Reservation, Settlement
 from ._pricing import ModelPrice, PriceTable
+from ._redact import redact
 from ._retry import RetryPolicy, error_type, log, was_sent
 from ._tokens import TokenEstimate, count_request_tokens
 from ._usage import BodySniffer, SseSniffer, Usage, read_usage, usage_from_body
@@ -41,7 +41,6 @@ ACTIVE_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
 
 TokenCounter = Callable[[Mapping[str, Any]], int]
 _DEFAULT_TIMEOUT = 600.0  # the SDK's own default read timeout
-_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]{8,}")
 
 
 @dataclass
@@ -204,14 +203,6 @@ def read_timeout(timeout: Any) -> float:
         return float(timeout)
     value = getattr(timeout, "read", None)
     return float(value) if isinstance(value, int | float) else _DEFAULT_TIMEOUT
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Remove API keys (ours, and anything shaped like one) from text bound for the ledger."""
-    for secret in secrets:
-        if secret and len(secret) >= 6:
-            text = text.replace(secret, "***")
-    return _KEYLIKE.sub(r"\1***", text)
 
 
 class Call:

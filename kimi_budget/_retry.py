@@ -23,6 +23,8 @@ from typing import Any
 import openai
 import tenacity
 
+from ._redact import redact
+
 __all__ = [
     "RetryPolicy",
     "error_type",
@@ -137,8 +139,6 @@ def explain_quota_error(exc: BaseException, secrets: tuple[str, ...] = ()) -> Ba
         f"(HTTP {exc.status_code} exceeded_current_quota_error: {exc.message}). Check the balance "
         f"with `kimi-budget balance` and top up; kimi-budget did not retry and recorded $0."
     )
-    from ._guard import redact  # imported here: _guard imports this module
-
     message = redact(message, secrets)
     try:
         clearer = type(exc)(message, response=exc.response, body=exc.body)
