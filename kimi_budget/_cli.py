@@ -36,7 +36,8 @@ __all__ = ["cli", "main"]
 F = TypeVar("F", bound=Callable[..., Any])
 NO_KEY_HELP = (
     "no API key: set MOONSHOT_API_KEY (export MOONSHOT_API_KEY=sk-...; keys are made in the "
-    "console of https://platform.moonshot.ai). OPENAI_API_KEY works too."
+    "console of https://platform.moonshot.ai). OPENAI_API_KEY is used only with --base-url or "
+    "OPENAI_BASE_URL."
 )
 
 
@@ -496,11 +497,16 @@ def balance(base_url: str | None, ledger_option: Path | None, as_json: bool) -> 
     """The account balance from Moonshot's API (needs MOONSHOT_API_KEY)."""
     import tempfile
 
-    from ._client import OpenAI
+    from openai import OpenAIError
 
-    key = os.environ.get("MOONSHOT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    if not key:
-        raise UserError(NO_KEY_HELP)
+    from ._client import OpenAI
+    from ._provider import resolve_provider
+
+    try:
+        # The same rule as the client's: a key only goes to the provider it belongs to.
+        key, base_url = resolve_provider(None, base_url)
+    except OpenAIError as exc:
+        raise UserError(NO_KEY_HELP if "No API key" in str(exc) else str(exc)) from None
     # The balance endpoint records nothing; a throw-away ledger keeps the user's untouched.
     with tempfile.TemporaryDirectory(prefix="kimi-budget-") as scratch:
         client = OpenAI(

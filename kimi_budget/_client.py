@@ -16,7 +16,6 @@ SDK's own objects, and errors from Moonshot are the SDK's own exception classes.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -43,12 +42,12 @@ from ._guard import (
 )
 from ._ledger import Ledger
 from ._pricing import BUILTIN_SOURCE
+from ._provider import resolve_provider
 from ._retry import explain_quota_error
 from ._streams import tee_async, tee_sync
 
 __all__ = ["AsyncOpenAI", "OpenAI"]
 
-DEFAULT_BASE_URL = "https://api.moonshot.ai/v1"
 _GUARD_ARGS = (
     "ledger",
     "budget",
@@ -59,25 +58,6 @@ _GUARD_ARGS = (
     "exact_tokens",
     "reservation_margin",
 )
-
-
-def _api_key(api_key: Any) -> Any:
-    if api_key is not None:
-        return api_key
-    key = os.environ.get("MOONSHOT_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    if not key:
-        raise openai.OpenAIError(
-            "No API key: pass api_key= or set MOONSHOT_API_KEY (OPENAI_API_KEY also works)."
-        )
-    return key
-
-
-def _base_url(base_url: Any) -> Any:
-    if base_url is not None:
-        return base_url
-    return (
-        os.environ.get("MOONSHOT_BASE_URL") or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-    )
 
 
 def _warn_if_prices_are_in_another_currency(base_url: str, settings: GuardSettings) -> None:
@@ -129,8 +109,9 @@ class _Guarded:
 
     def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
         guard, given = _guard_settings(kwargs)
+        api_key, base_url = resolve_provider(api_key, base_url)
         super().__init__(  # type: ignore[call-arg]  # the SDK client, next in the MRO
-            api_key=_api_key(api_key), base_url=_base_url(base_url), **kwargs
+            api_key=api_key, base_url=base_url, **kwargs
         )
         self._kb = guard if guard is not None else resolve_settings(**given)
         if guard is None:
@@ -202,8 +183,9 @@ class OpenAI(_Guarded, openai.OpenAI):
 
     Takes every argument ``openai.OpenAI`` takes, plus ``ledger``, ``budget``, ``tags``,
     ``prices``, ``prices_file``, ``token_counter``, ``exact_tokens`` and
-    ``reservation_margin``. ``api_key`` defaults to ``MOONSHOT_API_KEY`` (then
-    ``OPENAI_API_KEY``), ``base_url`` to ``MOONSHOT_BASE_URL`` or Moonshot's international API.
+    ``reservation_margin``. ``api_key`` defaults to ``MOONSHOT_API_KEY``, ``base_url`` to
+    ``MOONSHOT_BASE_URL`` or Moonshot's international API; a key never crosses providers
+    (see ``_provider``).
     """
 
     def request(  # type: ignore[override]
