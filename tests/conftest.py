@@ -13,11 +13,15 @@ import respx
 import kimi_budget as kb
 from kimi_budget.testing import MoonshotStandIn
 from tests.fuzz_tally import flush
+from tests.pg_cluster import ENV_DATA, ENV_URL, PostgresUnavailable, Server, install_hint
 
 # openai >= 3 sends through httpx2 (pytest-httpx2 adds respx's "httpcore2" mocker), 2.x httpx.
 RESPX_USING = "httpcore2" if hasattr(openai_base, "httpx2") else "httpcore"
 MOCK_BASE_URL = "https://api.moonshot.test/v1"
 KEY = "sk-kimibudget-test-canary-0123456789abcdef"
+# Read before any test runs: the isolated_env fixture removes every KIMI_BUDGET_ variable.
+_POSTGRES_URL = os.environ.get(ENV_URL)
+_POSTGRES_DATA = os.environ.get(ENV_DATA)
 
 
 @pytest.fixture(autouse=True)
@@ -76,3 +80,30 @@ def mocked_client(moonshot_mock: respx.Router, ledger_path: Path) -> Iterator[kb
     guarded = kb.OpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
     yield guarded
     guarded.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Server]:
+    """A PostgreSQL server for the tests: .ci/run's (``KIMI_BUDGET_TEST_POSTGRES``), else a
+    throwaway cluster started here from Debian's server binaries; skipped when neither is
+    possible, saying how to run these tests."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip('PostgreSQL tests need psycopg: pip install -e ".[postgres]"')
+    try:
+        server = Server.from_environment(_POSTGRES_URL, _POSTGRES_DATA)
+    except PostgresUnavailable as exc:
+        if _POSTGRES_URL:
+            raise
+        pytest.skip(f"PostgreSQL tests need a server ({exc}); {install_hint()}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Server) -> Iterator[str]:
+    """The URL of a new, empty database, dropped after the test."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
