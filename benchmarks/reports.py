@@ -64,7 +64,7 @@ def _fresh(args: list[str], ledger: Path, home: str) -> tuple[float, str]:
 def _warm(args: list[str], ledger: Path, home: str) -> float:
     from click.testing import CliRunner
 
-    from kimi_budget._cli import cli
+    from kimi_budget.cli import cli
 
     runner = CliRunner()
     old = os.getcwd()
@@ -89,7 +89,7 @@ def _startup(home: str, runs: int) -> tuple[float, float]:
         return time.perf_counter() - started
 
     bare = statistics.median(once("pass") for _ in range(runs))
-    cli = statistics.median(once("import kimi_budget._cli") for _ in range(runs))
+    cli = statistics.median(once("import kimi_budget.cli") for _ in range(runs))
     return bare, cli
 
 
@@ -128,7 +128,7 @@ def run(*, tiny: bool = False, rows: int | None = None, runs: int | None = None)
                 out_rows,
             ),
             f"Start-up floor of any fresh process: `python -c pass` {fmt_s(bare)}; "
-            f"`import kimi_budget._cli` {fmt_s(cli_import)} (it imports openai: kimi-budget's "
+            f"`import kimi_budget.cli` {fmt_s(cli_import)} (it imports openai: kimi-budget's "
             f"exceptions subclass openai.OpenAIError).",
         ]
     )

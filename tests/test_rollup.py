@@ -27,7 +27,7 @@ import kimi_budget as kb
 from kimi_budget import _migrations
 from kimi_budget._budget import format_utc, parse_utc
 from kimi_budget._ledger import Reservation, Settlement
-from kimi_budget._report import build_report, is_slot, list_calls, slot_of
+from kimi_budget.cli._report import build_report, is_slot, list_calls, slot_of
 
 UTC = timezone.utc
 FULL = os.environ.get("KB_STRESS_SIZE", "").lower() == "full"
@@ -506,7 +506,7 @@ def history() -> Iterator[Path]:
 def local_midnight(day: int, tz: str) -> datetime:
     from zoneinfo import ZoneInfo
 
-    from kimi_budget._report import _midnight
+    from kimi_budget.cli._report import _midnight
 
     return _midnight((at(2026, 9, 20) + timedelta(days=day)).date(), ZoneInfo(tz))
 

@@ -169,7 +169,7 @@ def test_the_api_key_never_leaves(
 def _run_cli(canary: str, ledger_path: Path, base_url: str) -> str:
     from click.testing import CliRunner
 
-    from kimi_budget._cli import cli
+    from kimi_budget.cli import cli
 
     runner = CliRunner()
     env = {"MOONSHOT_API_KEY": canary, "MOONSHOT_BASE_URL": base_url}
@@ -465,7 +465,7 @@ def test_filters_are_bound_parameters(tmp_path: Path, hostile: str) -> None:
 def test_cli_filters_match_nothing(tmp_path: Path, hostile: str) -> None:
     from click.testing import CliRunner
 
-    from kimi_budget._cli import cli
+    from kimi_budget.cli import cli
 
     path = tmp_path / "l.db"
     _ledger_with_rows(path).close()

@@ -20,8 +20,10 @@ from typing import Any, cast
 import click
 
 from . import _report as rp
+from . import _tables as tb
+from ._app import cli, json_option, ledger_file_option
 
-__all__ = ["run_demo"]
+__all__ = ["demo", "run_demo"]
 
 MODEL = "kimi-k2.5"
 DAILY_CAP = "0.005"
@@ -61,12 +63,24 @@ LONG_PREFIX = " ".join(
 )
 
 
+@cli.command()
+@ledger_file_option()
+@json_option
+def demo(ledger_option: Path | None, as_json: bool) -> None:
+    """Run real guarded calls against a built-in loopback stand-in for Moonshot (offline).
+
+    A normal call, a streamed one, a call with cache hits and one refused by a budget cap,
+    then the report. Uses a temporary ledger unless --ledger is given. No key, no network.
+    """
+    run_demo(ledger_option, as_json=as_json)
+
+
 def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
     """Run the demo, printing as it goes (or one JSON document at the end)."""
-    from ._budget import Budget
-    from ._client import OpenAI
-    from ._exceptions import BudgetExceededError
-    from .testing import MoonshotStandIn
+    from .._budget import Budget
+    from .._client import OpenAI
+    from .._exceptions import BudgetExceededError
+    from ..testing import MoonshotStandIn
 
     run = secrets.token_hex(3)
     key = "sk-demo-" + secrets.token_hex(16)
@@ -111,8 +125,8 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
                 "prompt_tokens": row["prompt_tokens"],
                 "cached_tokens": row["cached_tokens"],
                 "completion_tokens": row["completion_tokens"],
-                "cost_usd": rp.usd(row["cost_nanos"]),
-                "reserved_usd": rp.usd(row["projected_nanos"]),
+                "cost_usd": tb.usd(row["cost_nanos"]),
+                "reserved_usd": tb.usd(row["projected_nanos"]),
                 **extra,
             }
             cached = f" ({row['cached_tokens']} cached)" if row["cached_tokens"] else ""
@@ -152,7 +166,7 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
             label = "3. a long prompt" if number == 1 else "   the same prefix again"
             row = client.ledger.calls(1)[0]
             saved = (row["cached_tokens"] or 0) * (row["price_cache_miss"] - row["price_cache_hit"])
-            record(label, **({"cache_saved": f"${rp.usd(saved)}"} if saved else {}))
+            record(label, **({"cache_saved": f"${tb.usd(saved)}"} if saved else {}))
 
         sent_before = len(server.chat_requests)
         try:
@@ -200,7 +214,7 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
         say()
         say(f"Report of this run (kimi-budget report --by model --tag demo-run={run}):")
         say()
-        say(rp.report_table(result))
+        say(tb.report_table(result))
         say()
         if temporary:
             say("The ledger was temporary. Keep one and explore it:")

@@ -1,8 +1,9 @@
-"""What the ``kimi-budget`` command reads from a ledger, and how it prints it.
+"""What the ``kimi-budget`` command reads from a ledger: reports, calls, budget status, estimates.
 
 Every SQL statement of the command line lives here, with bound parameters only. Money is summed
 as integer nano-dollars in SQL and turned into exact ``Decimal`` USD at the end, so a report's
-total equals ``Ledger.spend()`` for the same filters to the nano-dollar.
+total equals ``Ledger.spend()`` for the same filters to the nano-dollar. How the results are
+printed is ``_tables``' business.
 
 Reports read the ``usage_rollup`` table (settled calls summed per 15-minute UTC slot, model and
 tags; triggers keep it exact, see ``_migrations``) whenever it answers the question exactly:
@@ -18,26 +19,23 @@ every time zone, DST days included, and faster than ``GROUP BY substr(created_at
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta, timezone
-from decimal import ROUND_HALF_UP, Decimal
+from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from ._budget import format_utc, window_bounds
-from ._ledger import _as_utc_text
-from ._money import to_usd
+from .._budget import format_utc, window_bounds
+from .._ledger import _as_utc_text
+from ._tables import parse_stored, per_million, usd
 
 if TYPE_CHECKING:
-    from ._budget import Budget
-    from ._ledger import Ledger, WindowStatus
-    from ._pricing import ModelPrice, PriceTable
-    from ._tokens import TokenEstimate
+    from .._budget import Budget
+    from .._ledger import Ledger, WindowStatus
+    from .._pricing import ModelPrice, PriceTable
+    from .._tokens import TokenEstimate
 
 __all__ = [
     "BUCKETS",
@@ -46,10 +44,8 @@ __all__ = [
     "build_report",
     "list_calls",
     "parse_when",
-    "usd",
 ]
 
-UTC = timezone.utc
 BUCKETS = {"day": "daily", "week": "weekly", "month": "monthly"}
 
 # One aggregate row: calls, cost, cache-hit input, all input, output, cache savings, estimated.
@@ -81,35 +77,6 @@ _SLOT_MINUTES = ("00", "15", "30", "45")
 _SLOT_STARTS = tuple(f"{minute}:00.000000Z" for minute in _SLOT_MINUTES)
 # format_utc's shape: the GLOB pattern of the rollup's triggers.
 _UTC_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
-
-
-# -- money and numbers ---------------------------------------------------------------------------
-
-
-def usd(nanos: int) -> str:
-    """Exact USD text without exponent: ``136200`` -> ``'0.0001362'``, 10 USD -> ``'10'``."""
-    return format(to_usd(nanos), "f")
-
-
-def dollars(nanos: int) -> str:
-    return ("-$" if nanos < 0 else "$") + usd(abs(nanos))
-
-
-def dollars_usd(amount: Decimal) -> str:
-    """A Decimal USD amount as ``$`` text without exponent (``Decimal('1E+1')`` -> ``$10``)."""
-    return ("-$" if amount < 0 else "$") + format(abs(amount), "f")
-
-
-def per_million(nanos_per_token: int) -> str:
-    """A per-token price as the pricing document writes it: USD per million, 2+ decimals."""
-    value = Decimal(nanos_per_token) / 1000
-    text = format(value.normalize(), "f")
-    whole, _, frac = text.partition(".")
-    return f"{whole}.{frac.ljust(2, '0')}"
-
-
-def tokens(n: int) -> str:
-    return f"{n:,}"
 
 
 # -- dates ---------------------------------------------------------------------------------------
@@ -394,7 +361,7 @@ def _by_time(
         f"ORDER BY {src.time} DESC LIMIT 1",
         src.params,
     ).fetchone()
-    buckets = _buckets(window, by, _parse_stored(first[0]), _parse_stored(last[0]), zone)
+    buckets = _buckets(window, by, parse_stored(first[0]), parse_stored(last[0]), zone)
     if src.name == "rollup" and not all(is_slot(b[1]) and is_slot(b[2]) for b in buckets):
         return None
     # The sub-select's `?` come first in the text, the bucket list (json_each) last.
@@ -423,16 +390,6 @@ def _buckets(
         buckets.append((label, format_utc(start), format_utc(end)))
         start, end = window_bounds(window, end, zone)
     return buckets
-
-
-def _parse_stored(text: str) -> datetime:
-    from ._budget import parse_utc
-
-    try:
-        return parse_utc(text)
-    except ValueError:  # a row written by hand in another ISO form still has a place
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # -- calls ---------------------------------------------------------------------------------------
@@ -538,31 +495,6 @@ def _newest_slot(
     return floor
 
 
-def format_call(row: Mapping[str, Any], zone: ZoneInfo) -> str:
-    """One call on one line, like ``llm logs``."""
-    when = _parse_stored(row["created_at"]).astimezone(zone)
-    parts = [when.strftime("%Y-%m-%d %H:%M:%S"), f"{row['status']:<9}", row["model"]]
-    if row["status"] == "pending":
-        parts.append(f"in flight, ${row['projected_usd']} reserved")
-    else:
-        prompt, cached = row["prompt_tokens"], row["cached_tokens"]
-        if prompt is not None:
-            hit = f" ({tokens(cached)} cached)" if cached else ""
-            parts.append(f"{tokens(prompt)} in{hit} / {tokens(row['completion_tokens'] or 0)} out")
-        cost = f"${row['cost_usd']}"
-        parts.append(f"~{cost} (estimated)" if row["estimated"] else cost)
-    if row["stream"]:
-        parts.append("stream")
-    if (row["attempts"] or 0) > 1:
-        parts.append(f"{row['attempts']} attempts")
-    if row["tags"]:
-        parts.append(" ".join(f"{k}={v}" for k, v in row["tags"].items()))
-    problem = row["error"] or row["note"]
-    if problem:
-        parts.append(f"- {_one_line(problem, 100)}")
-    return "  ".join(parts)
-
-
 # -- status --------------------------------------------------------------------------------------
 
 
@@ -574,65 +506,6 @@ class BudgetStatus:
 
 def budget_status(ledger: Ledger, budgets: Iterable[Budget]) -> list[BudgetStatus]:
     return [BudgetStatus(budget, ledger.status(budget)) for budget in budgets]
-
-
-def used_fraction(window: WindowStatus) -> Decimal:
-    used = window.spent_usd + window.reserved_usd
-    if window.limit_usd <= 0:
-        return Decimal(1) if used > 0 or window.limit_usd == 0 else Decimal(0)
-    return used / window.limit_usd
-
-
-def percent(fraction: Decimal) -> str:
-    return str((fraction * 100).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)) + "%"
-
-
-def bar(fraction: Decimal, width: int = 20) -> str:
-    filled = min(int(fraction * width), width)
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def local_time(instant: datetime | None, tz: str) -> str | None:
-    if instant is None:
-        return None
-    return instant.astimezone(ZoneInfo(tz)).isoformat(timespec="seconds")
-
-
-def until_text(instant: datetime, now: datetime) -> str:
-    seconds = max(int((instant - now).total_seconds()), 0)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
-    if days:
-        return f"in {days}d {hours}h"
-    if hours:
-        return f"in {hours}h {minutes}m"
-    return f"in {minutes}m"
-
-
-def window_json(window: WindowStatus) -> dict[str, Any]:
-    return {
-        "window": window.window,
-        "limit_usd": format(window.limit_usd, "f"),
-        "spent_usd": format(window.spent_usd, "f"),
-        "reserved_usd": format(window.reserved_usd, "f"),
-        "remaining_usd": format(window.remaining_usd, "f"),
-        "used_percent": percent(used_fraction(window))[:-1],
-        "window_start": local_time(window.start, window.tz),
-        "resets_at": local_time(window.resets_at, window.tz),
-    }
-
-
-def pending_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "call_id": row["call_id"],
-        "model": row["model"],
-        "created_at": row["created_at"],
-        "expires_at": row["expires_at"],
-        "reserved_usd": usd(int(row["projected_nanos"])),
-        "attempts": row["attempts"],
-        "tags": json.loads(row["tags"] or "{}"),
-    }
 
 
 # -- estimates -----------------------------------------------------------------------------------
@@ -672,9 +545,9 @@ class Estimate:
 
 def estimate_request(body: dict[str, Any], prices: PriceTable) -> Estimate:
     """Run the client's own pre-flight (``_guard.prepare``) on ``body`` and report, not refuse."""
-    from ._exceptions import ContextLengthExceededError
-    from ._guard import GuardSettings, _positive_int, prepare
-    from ._tokens import count_request_tokens
+    from .._exceptions import ContextLengthExceededError
+    from .._guard import GuardSettings, _positive_int, prepare
+    from .._tokens import count_request_tokens
 
     # prepare() needs no ledger: it prices, counts and bounds the request, nothing else.
     settings = GuardSettings(
@@ -706,135 +579,3 @@ def estimate_request(body: dict[str, Any], prices: PriceTable) -> Estimate:
         fits,
         prepared.projected_nanos,
     )
-
-
-# -- tables and CSV ------------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    """A plain-text table; columns listed in ``right`` are right-aligned (numbers)."""
-    text_rows = [[str(cell) for cell in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in text_rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-
-    def line(cells: Sequence[str]) -> str:
-        out = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(cells)
-        ]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), *(line(row) for row in text_rows)])
-
-
-def to_csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(headers)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-REPORT_CSV_HEADERS = (
-    "key",
-    "calls",
-    "input_cache_hit_tokens",
-    "input_cache_miss_tokens",
-    "output_tokens",
-    "spend_usd",
-    "cache_savings_usd",
-    "estimated_calls",
-)
-
-
-def report_csv_rows(report: Report) -> list[list[Any]]:
-    return [
-        [
-            row.key,
-            row.calls,
-            row.input_hit,
-            row.input_miss,
-            row.output_tokens,
-            usd(row.cost_nanos),
-            usd(row.savings_nanos),
-            row.estimated,
-        ]
-        for row in report.rows
-    ]
-
-
-def report_table(report: Report) -> str:
-    """The human form of a report: a table, its total, and what it does not count."""
-    key_header = {"day": "day", "week": "week of", "month": "month", "total": ""}.get(
-        report.by, report.by
-    )
-    if not report.rows:
-        return "No settled calls match." + _pending_note(report)
-    body = [
-        [
-            row.key,
-            tokens(row.calls),
-            tokens(row.input_hit),
-            tokens(row.input_miss),
-            tokens(row.output_tokens),
-            dollars(row.cost_nanos),
-            dollars(row.savings_nanos),
-        ]
-        for row in report.rows
-    ]
-    t = report.total
-    if report.by != "total":
-        body.append(
-            [
-                "TOTAL",
-                tokens(t.calls),
-                tokens(t.input_hit),
-                tokens(t.input_miss),
-                tokens(t.output_tokens),
-                dollars(t.cost_nanos),
-                dollars(t.savings_nanos),
-            ]
-        )
-    headers = [key_header, "calls", "input hit", "input miss", "output", "spend", "cache saved"]
-    text = table(headers, body, right=(1, 2, 3, 4, 5, 6))
-    notes = []
-    if t.estimated:
-        notes.append(
-            f"{t.estimated} call{'s' if t.estimated != 1 else ''} with an estimated cost "
-            f"(no usage arrived; see `kimi-budget calls`)."
-        )
-    pending = _pending_note(report).strip()
-    if pending:
-        notes.append(pending)
-    return text + ("\n\n" + "\n".join(notes) if notes else "")
-
-
-def _pending_note(report: Report) -> str:
-    if not report.pending_calls:
-        return ""
-    n = report.pending_calls
-    return (
-        f"\n{n} call{'s' if n != 1 else ''} in flight, {dollars(report.pending_nanos)} reserved, "
-        f"not counted (see `kimi-budget status`)."
-    )
-
-
-def describe_filters(report: Report) -> str:
-    parts = []
-    if report.since or report.until:
-        zone = ZoneInfo(report.tz)
-        since = report.since.astimezone(zone).isoformat(timespec="minutes") if report.since else ""
-        until = report.until.astimezone(zone).isoformat(timespec="minutes") if report.until else ""
-        parts.append(f"{since or 'start'} .. {until or 'now'}")
-    if report.model:
-        parts.append(f"model {report.model}")
-    if report.tags:
-        parts.append(" ".join(f"{k}={v}" for k, v in report.tags.items()))
-    return ", ".join(parts)
-
-
-def _one_line(text: str, limit: int) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -1,0 +1,226 @@
+"""Commands that read the ledger: ``report``, ``status``, ``calls`` and ``path``.
+
+They open the ledger read-only in spirit: a missing ledger is a user error, never created.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import click
+
+from .._config import resolve_budgets, resolve_ledger_path
+from . import _report as rp
+from . import _tables as tb
+from ._app import (
+    UserError,
+    cli,
+    config,
+    csv_option,
+    filter_options,
+    json_option,
+    ledger_file_option,
+    open_ledger,
+    output_mode,
+    parse_filters,
+    print_json,
+    zone_name,
+)
+
+__all__ = ["calls", "path", "report", "status"]
+
+
+@cli.command()
+@filter_options
+@click.option(
+    "--by",
+    default="model",
+    show_default=True,
+    metavar="day|week|month|model|tag:KEY|total",
+    help="How to group the spend.",
+)
+@ledger_file_option()
+@json_option
+@csv_option
+def report(
+    since: str | None,
+    until: str | None,
+    model: str | None,
+    tag_pairs: tuple[str, ...],
+    tz: str | None,
+    by: str,
+    ledger_option: Path | None,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """Spend in USD, calls, input (cache hit/miss) and output tokens, and cache savings.
+
+    Only settled calls count; reservations in flight are listed apart.
+    """
+    mode = output_mode(as_json, as_csv)
+    if by not in ("day", "week", "month", "model", "total") and not (
+        by.startswith("tag:") and len(by) > 4
+    ):
+        raise UserError(f"--by must be day, week, month, model, tag:KEY or total, not {by!r}.")
+    file = config()
+    zone = zone_name(tz, file)
+    start, end, tags = parse_filters(since, until, tag_pairs, zone)
+    with open_ledger(ledger_option, file) as ledger:
+        result = rp.build_report(
+            ledger, by=by, since=start, until=end, model=model, tags=tags, tz=zone
+        )
+    if mode == "json":
+        print_json(result.to_json())
+    elif mode == "csv":
+        click.echo(tb.to_csv(tb.REPORT_CSV_HEADERS, tb.report_csv_rows(result)), nl=False)
+    else:
+        what = "" if by == "total" else f" by {by}"
+        scope = tb.describe_filters(result)
+        click.echo(f"Spend{what} ({zone}{', ' + scope if scope else ''}) in {result.ledger}")
+        click.echo()
+        click.echo(tb.report_table(result))
+
+
+@cli.command()
+@ledger_file_option()
+@json_option
+def status(ledger_option: Path | None, as_json: bool) -> None:
+    """Every budget cap: spent, reserved, remaining, % used, when it resets; calls in flight.
+
+    Budgets come from the same configuration as the library (KIMI_BUDGET_*_USD, then the
+    config file's [budget] and [[budgets]]).
+    """
+    file = config()
+    budgets = resolve_budgets(None, file)
+    with open_ledger(ledger_option, file) as ledger:
+        statuses = rp.budget_status(ledger, budgets)
+        pending = ledger.pending()
+        now = ledger.clock()
+        path = str(ledger.path)
+    if as_json:
+        print_json(
+            {
+                "ledger": path,
+                "budgets": [
+                    {
+                        "tz": s.budget.tz_name,
+                        "scope": s.budget.scope,
+                        "caps": [tb.window_json(w) for w in s.windows],
+                    }
+                    for s in statuses
+                ],
+                "pending": [tb.pending_json(row) for row in pending],
+                "pending_reserved_usd": tb.usd(sum(int(r["projected_nanos"]) for r in pending)),
+            }
+        )
+        return
+    click.echo(f"Ledger {path}")
+    if not statuses:
+        click.echo(
+            "\nNo budget configured. Set one with KIMI_BUDGET_DAILY_USD=5 (or _MONTHLY_, "
+            "_PER_CALL_, ...) or a [budget] table in kimi-budget.toml."
+        )
+    for s in statuses:
+        scope = " ".join(f"{k}={v}" for k, v in s.budget.scope.items())
+        click.echo(f"\nBudget ({s.budget.tz_name}{', calls tagged ' + scope if scope else ''})")
+        rows = []
+        for w in s.windows:
+            if w.window == "per_call":
+                rows.append(["per call", tb.dollars_usd(w.limit_usd), "", "", "", "", "each call"])
+                continue
+            fraction = tb.used_fraction(w)
+            if w.resets_at is None:
+                resets = "never"
+            else:
+                local = w.resets_at.astimezone(ZoneInfo(w.tz)).strftime("%Y-%m-%d %H:%M %Z")
+                resets = f"{local} ({tb.until_text(w.resets_at, now)})"
+            rows.append(
+                [
+                    w.window,
+                    tb.dollars_usd(w.limit_usd),
+                    tb.dollars_usd(w.spent_usd),
+                    tb.dollars_usd(w.reserved_usd),
+                    tb.dollars_usd(w.remaining_usd),
+                    f"{tb.bar(fraction)} {tb.percent(fraction):>6}",
+                    resets,
+                ]
+            )
+        headers = ["cap", "limit", "spent", "reserved", "remaining", "used", "resets"]
+        click.echo(tb.table(headers, rows, right=(1, 2, 3, 4)))
+    if pending:
+        total = sum(int(r["projected_nanos"]) for r in pending)
+        click.echo(f"\nIn flight: {len(pending)} reservation(s), {tb.dollars(total)} reserved")
+        rows = [
+            [
+                r["call_id"][:12],
+                r["model"],
+                tb.dollars(int(r["projected_nanos"])),
+                r["created_at"][:19].replace("T", " ") + "Z",
+                (r["expires_at"] or "")[:19].replace("T", " ") + "Z",
+                " ".join(f"{k}={v}" for k, v in json.loads(r["tags"] or "{}").items()),
+            ]
+            for r in pending
+        ]
+        headers = ["call", "model", "reserved", "since", "expires", "tags"]
+        click.echo(tb.table(headers, rows, right=(2,)))
+    else:
+        click.echo("\nIn flight: none")
+
+
+@cli.command()
+@click.option("-n", "--count", "limit", default=20, show_default=True, type=click.IntRange(1))
+@filter_options
+@ledger_file_option()
+@json_option
+@csv_option
+def calls(
+    limit: int,
+    since: str | None,
+    until: str | None,
+    model: str | None,
+    tag_pairs: tuple[str, ...],
+    tz: str | None,
+    ledger_option: Path | None,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """The latest calls, newest first, one per line."""
+    mode = output_mode(as_json, as_csv)
+    file = config()
+    zone = zone_name(tz, file)
+    start, end, tags = parse_filters(since, until, tag_pairs, zone)
+    with open_ledger(ledger_option, file) as ledger:
+        rows = rp.list_calls(ledger, limit=limit, since=start, until=end, model=model, tags=tags)
+    if mode == "json":
+        print_json(rows)
+    elif mode == "csv":
+        headers = list(rows[0]) if rows else []
+        out = [[json.dumps(v) if isinstance(v, dict) else v for v in r.values()] for r in rows]
+        click.echo(tb.to_csv(headers, out), nl=False)
+    elif not rows:
+        click.echo("No calls recorded.")
+    else:
+        for row in rows:
+            click.echo(tb.format_call(row, ZoneInfo(zone)))
+
+
+@cli.command()
+@ledger_file_option()
+@json_option
+def path(ledger_option: Path | None, as_json: bool) -> None:
+    """Where the ledger is (it may not exist yet)."""
+    file = config()
+    where, source = resolve_ledger_path(ledger_option, file)
+    if as_json:
+        print_json(
+            {
+                "ledger": str(where),
+                "source": "--ledger" if source == "argument" else source,
+                "exists": where.exists(),
+                "config_file": str(file.path) if file.path else None,
+            }
+        )
+    else:
+        click.echo(str(where))
