@@ -13,6 +13,9 @@ import kimi_budget as kb
 
 def test_exports_are_sorted_and_complete() -> None:
     assert kb.__all__ == sorted(kb.__all__)
+    assert sorted(dir(kb)) == dir(kb) and set(kb.__all__) <= set(dir(kb))
+    for name in kb.__all__:  # the names are imported on first use
+        getattr(kb, name)
     public = {
         name
         for name, value in vars(kb).items()

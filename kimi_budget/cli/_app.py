@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -66,12 +67,6 @@ class RemoteError(UserError):
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    from openai import APIConnectionError, APIStatusError, OpenAIError
-
-    from .._exceptions import KimiBudgetError
-    from .._redact import redact
-
-    secrets = tuple(os.environ.get(name, "") for name in ("MOONSHOT_API_KEY", "OPENAI_API_KEY"))
     try:
         yield
     except UserError:
@@ -79,20 +74,46 @@ def _user_errors() -> Iterator[None]:
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         raise UserError(exc.format_message() + hint) from None
-    except (KimiBudgetError, ValueError) as exc:
+    except Exception as exc:
+        _translate(exc)
+        raise
+
+
+def _translate(exc: Exception) -> None:
+    """Raise the one-line form of ``exc`` if it is a user's or Moonshot's error; else return.
+
+    ``openai`` is imported here only if it is already loaded: kimi-budget's own exceptions
+    subclass ``openai.OpenAIError`` (see ``_exceptions``), so when no command imported openai,
+    none of them, nor any of openai's, can have been raised. Read-only commands stay fast.
+    """
+    from .._redact import redact
+
+    secrets = tuple(os.environ.get(name, "") for name in ("MOONSHOT_API_KEY", "OPENAI_API_KEY"))
+    openai_loaded = "openai" in sys.modules
+    if openai_loaded:
+        from openai import APIConnectionError, APIStatusError, OpenAIError
+
+        from .._exceptions import KimiBudgetError
+
+        ours: tuple[type[Exception], ...] = (KimiBudgetError, ValueError)
+    else:
+        ours = (ValueError,)
+    if isinstance(exc, ours):
         # LedgerError, PriceTableError, UnknownModelError and malformed settings all say what
         # to fix in their message; the traceback would only hide it.
         if os.environ.get("KIMI_BUDGET_DEBUG"):
-            raise
+            return
         raise UserError(redact(str(exc), secrets)) from None
-    except APIStatusError as exc:
+    if not openai_loaded:
+        return
+    if isinstance(exc, APIStatusError):
         raise RemoteError(
             redact(f"Moonshot answered HTTP {exc.status_code}: {exc.message}", secrets)
         ) from None
-    except APIConnectionError as exc:
+    if isinstance(exc, APIConnectionError):
         where = getattr(getattr(exc, "request", None), "url", None) or "the API"
         raise RemoteError(redact(f"could not reach {where}: {exc}", secrets)) from None
-    except OpenAIError as exc:
+    if isinstance(exc, OpenAIError):
         raise RemoteError(redact(str(exc), secrets)) from None
 
 
