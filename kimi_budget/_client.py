@@ -41,10 +41,10 @@ from ._guard import (
     request_body,
 )
 from ._ledger import Ledger
-from ._pricing import BUILTIN_SOURCE
 from ._provider import resolve_provider
 from ._retry import explain_quota_error
 from ._streams import tee_async, tee_sync
+from .pricing import BUILTIN_SOURCE
 
 __all__ = ["AsyncOpenAI", "OpenAI"]
 

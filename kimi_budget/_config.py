@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._budget import WINDOWS, Budget, canonical_tags
 
 if TYPE_CHECKING:
-    from ._pricing import PriceTable
+    from .pricing import PriceTable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -301,7 +301,7 @@ def resolve_prices(
 ) -> PriceTable:
     """Built-in prices, then the price file, then the config's ``[prices]``, then ``prices=``."""
     from ._exceptions import PriceTableError
-    from ._pricing import PriceTable, _parse_entry
+    from .pricing import PriceTable, _parse_entry
 
     source = "prices_file argument"
     if prices_file is None:

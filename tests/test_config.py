@@ -20,7 +20,7 @@ from kimi_budget._config import (
     resolve_tz,
     user_config_file,
 )
-from kimi_budget._pricing import BUILTIN_SOURCE
+from kimi_budget.pricing import BUILTIN_SOURCE
 from kimi_budget.testing import MoonshotStandIn
 from tests.conftest import KEY, MOCK_BASE_URL
 

@@ -32,8 +32,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 import kimi_budget as kb
 from kimi_budget._guard import GuardSettings, prepare
-from kimi_budget._pricing import PriceTable
 from kimi_budget._tokens import count_request_tokens
+from kimi_budget.pricing import PriceTable
 from kimi_budget.testing import Fault, MoonshotStandIn
 from tests.fuzz_tally import tried
 

@@ -29,7 +29,7 @@ from kimi_budget._money import (
     to_usd,
     usd_to_nanos_floor,
 )
-from kimi_budget._pricing import PriceTable
+from kimi_budget.pricing import PriceTable
 from tests.fuzz_tally import tried
 
 UTC = timezone.utc

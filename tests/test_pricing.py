@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import kimi_budget as kb
 from kimi_budget._money import call_cost_nanos, price_to_nanos_per_token, to_usd
-from kimi_budget._pricing import BUILTIN_SOURCE, PriceTable
+from kimi_budget.pricing import BUILTIN_SOURCE, PriceTable
 from tests.conftest import KEY, MOCK_BASE_URL
 from tests.helpers import completion
 

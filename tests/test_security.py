@@ -543,7 +543,7 @@ def test_a_bad_price_is_refused_with_its_path_and_line(tmp_path: Path, line: str
     bad_line = 6  # two comment/blank lines, the header, two good prices, then this one
     assert path.read_text().splitlines()[bad_line - 1] == line
     with pytest.raises(kb.PriceTableError) as refused:
-        kb._pricing.PriceTable.load(prices_file=path)
+        kb.pricing.PriceTable.load(prices_file=path)
     assert f"{path}:{bad_line}" in str(refused.value)
     assert why in str(refused.value)
     # The client refuses it too, before any ledger or request exists.

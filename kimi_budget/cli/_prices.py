@@ -109,7 +109,7 @@ def estimate(
 @csv_option
 def prices(ledger_option: Path | None, as_json: bool, as_csv: bool) -> None:
     """The price table in use (USD per million tokens) and where each entry comes from."""
-    from .._pricing import BUILTIN_SOURCE
+    from ..pricing import BUILTIN_SOURCE
 
     mode = output_mode(as_json, as_csv)
     table = resolve_prices(None, None, config())

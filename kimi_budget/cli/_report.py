@@ -34,8 +34,8 @@ from ._tables import parse_stored, per_million, usd
 if TYPE_CHECKING:
     from .._budget import Budget
     from .._ledger import Ledger, WindowStatus
-    from .._pricing import ModelPrice, PriceTable
     from .._tokens import TokenEstimate
+    from ..pricing import ModelPrice, PriceTable
 
 __all__ = [
     "BUCKETS",

@@ -1,6 +1,6 @@
 """Model prices and context windows.
 
-The built-in table is data (``prices.toml``, copied from Moonshot's pricing document). Users add
+The built-in table is data (``usd.toml``, copied from Moonshot's pricing document). Users add
 or override models without a release, with a price file (``KIMI_BUDGET_PRICES`` or the
 ``prices_file`` argument) or a ``prices={...}`` argument. Prices are read as exact decimals and
 kept as integer nano-dollars per token.
@@ -17,9 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import PriceTableError, UnknownModelError
-from ._money import call_cost_nanos, price_to_nanos_per_token
-from ._tokens import TOKENIZER_NAMES
+from .._exceptions import PriceTableError, UnknownModelError
+from .._money import call_cost_nanos, price_to_nanos_per_token
+from .._tokens import TOKENIZER_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -105,8 +105,10 @@ _BUILTIN: dict[str, ModelPrice] | None = None
 def _builtin_models() -> dict[str, ModelPrice]:
     global _BUILTIN
     if _BUILTIN is None:
-        text = resources.files("kimi_budget").joinpath("prices.toml").read_text("utf-8")
-        _BUILTIN = _parse_price_text(text, source=BUILTIN_SOURCE, path="prices.toml (built in)")
+        text = resources.files("kimi_budget.pricing").joinpath("usd.toml").read_text("utf-8")
+        _BUILTIN = _parse_price_text(
+            text, source=BUILTIN_SOURCE, path="pricing/usd.toml (built in)"
+        )
     return _BUILTIN
 
 
@@ -128,7 +130,8 @@ def _parse_price_text(text: str, *, source: str, path: str) -> dict[str, ModelPr
     models = data.get("models")
     if not isinstance(models, dict):
         raise PriceTableError(
-            f'Price file {path} has no [models."<name>"] tables; see prices.toml in the package.'
+            f'Price file {path} has no [models."<name>"] tables; '
+            "see kimi_budget/pricing/usd.toml in the package."
         )
     lines = text.splitlines()
 
