@@ -173,7 +173,12 @@ def verdict(ok: bool) -> str:
 
 
 @contextlib.contextmanager
-def standin(*, stream_chunks: int | None = None, subprocess_: bool = True) -> Iterator[str]:
+def standin(
+    *,
+    stream_chunks: int | None = None,
+    subprocess_: bool = True,
+    latency: tuple[float, float] | None = None,
+) -> Iterator[str]:
     """Yield the base URL of a MoonshotStandIn.
 
     In a subprocess by default: the server's own CPU then stays off the client's GIL, so the
@@ -182,12 +187,14 @@ def standin(*, stream_chunks: int | None = None, subprocess_: bool = True) -> It
     if not subprocess_:
         from kimi_budget.testing import MoonshotStandIn
 
-        with MoonshotStandIn(stream_chunks=stream_chunks) as server:
+        with MoonshotStandIn(stream_chunks=stream_chunks, latency=latency or (0, 0)) as server:
             yield server.base_url
         return
     argv = [sys.executable, "-m", "kimi_budget.testing", "--port", "0", "--seed", "1"]
     if stream_chunks is not None:
         argv += ["--stream-chunks", str(stream_chunks)]
+    if latency is not None:
+        argv += ["--latency", str(latency[0]), str(latency[1])]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None
@@ -202,6 +209,37 @@ def standin(*, stream_chunks: int | None = None, subprocess_: bool = True) -> It
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def run_processes(
+    target: Callable[..., Any], args: Sequence[tuple[Any, ...]], *, timeout: float
+) -> tuple[list[Any], str]:
+    """Run ``target(barrier, results, *args[i])`` in one process per ``args`` entry.
+
+    The workers share a barrier (so they start their measured part together) and put one
+    result each on ``results``. Returns the results in worker order (each result's first item
+    is its index) and the start method used (fork where the platform has it).
+    """
+    import multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx: Any = mp.get_context(method)
+    barrier = ctx.Barrier(len(args))
+    results = ctx.Queue()
+    workers = [ctx.Process(target=target, args=(barrier, results, *a)) for a in args]
+    for p in workers:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=timeout) for _ in workers]
+    finally:
+        for p in workers:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return sorted(outcomes, key=lambda o: o[0]), method
 
 
 # -- ledgers -----------------------------------------------------------------------------------

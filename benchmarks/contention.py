@@ -11,7 +11,6 @@ window totals equal to a scan of the rows).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ from _common import (
     fmt_us,
     make_budget,
     remove_ledger,
+    run_processes,
     scratch_dir,
     table,
 )
@@ -38,7 +38,7 @@ from _common import (
 UTC = timezone.utc
 
 
-def _worker(path: str, seconds: float, barrier: Any, results: Any, worker: int) -> None:
+def _worker(barrier: Any, results: Any, worker: int, path: str, seconds: float) -> None:
     import sqlite3
 
     import kimi_budget as kb
@@ -107,19 +107,9 @@ def run(
     budget = make_budget()
     with kb.Ledger(path) as ledger:
         ledger.status(budget)  # register the budget before the workers start
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx: Any = mp.get_context(method)
-    barrier = ctx.Barrier(processes)
-    results = ctx.Queue()
-    workers = [
-        ctx.Process(target=_worker, args=(str(path), seconds, barrier, results, i))
-        for i in range(processes)
-    ]
-    for p in workers:
-        p.start()
-    outcomes = [results.get(timeout=seconds + 120) for _ in workers]
-    for p in workers:
-        p.join()
+    outcomes, method = run_processes(
+        _worker, [(i, str(path), seconds) for i in range(processes)], timeout=seconds + 120
+    )
     try:
         with kb.Ledger(path) as ledger:
             rows = ledger.conn.execute("SELECT count(*) FROM calls").fetchone()[0]

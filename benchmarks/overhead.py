@@ -49,6 +49,8 @@ class Comparison:
     stages: StageTimer | None = None
     per: str = "call"
     notes: list[str] = field(default_factory=list)
+    cpu_raw_us: float = float("nan")  # process CPU per call (all threads), blocks of calls
+    cpu_guarded_us: float = float("nan")
 
     @property
     def ratio(self) -> float:
@@ -57,6 +59,14 @@ class Comparison:
     @property
     def added_us(self) -> float:
         return self.guarded.median_us - self.raw.median_us
+
+    @property
+    def p99_ratio(self) -> float:
+        return self.guarded.p99_us / self.raw.p99_us
+
+    @property
+    def added_cpu_us(self) -> float:
+        return self.cpu_guarded_us - self.cpu_raw_us
 
     @property
     def paired_added_us(self) -> float:
@@ -100,6 +110,35 @@ def _one(client: Any, stream: bool) -> int:
     return time.perf_counter_ns() - started
 
 
+def _flush(ledger: Any) -> None:
+    """Wait for settlements queued by a background writer, if the ledger has one."""
+    flush = getattr(ledger, "flush", None)
+    if callable(flush):
+        flush()
+
+
+def cpu_per_call(
+    raw: Any, guarded: Any, ledger: Any, stream: bool, calls: int
+) -> tuple[float, float]:
+    """Process CPU per call (µs) of each client: blocks of calls, alternating, all threads.
+
+    Blocks rather than single calls, so CPU that a background writer spends after a guarded
+    call returns is charged to the guarded block (each block ends with a flush).
+    """
+    spent = {"raw": 0, "guarded": 0}
+    block = max(calls // 8, 5)
+    for i in range(8):
+        order = [("raw", raw), ("guarded", guarded)]
+        for name, client in order if i % 2 else order[::-1]:
+            started = time.process_time_ns()
+            for _ in range(block):
+                _one(client, stream)
+            if name == "guarded":
+                _flush(ledger)
+            spent[name] += time.process_time_ns() - started
+    return spent["raw"] / (8 * block) / 1000, spent["guarded"] / (8 * block) / 1000
+
+
 def sync_comparison(
     url: str, *, rows: int, calls: int, stream: bool, warmup: int = 30
 ) -> Comparison:
@@ -118,8 +157,10 @@ def sync_comparison(
             else:
                 kb_s.add(_one(guarded, stream))
                 raw_s.add(_one(raw, stream))
+        _flush(ledger)
         after = ledger.conn.execute("SELECT count(*) FROM calls").fetchone()[0]
         assert after - before == calls, "every guarded call must leave one ledger row"
+        cpu_raw, cpu_guarded = cpu_per_call(raw, guarded, ledger, stream, calls)
         stages = StageTimer().install(ledger)
         try:
             for _ in range(max(calls // 2, 10)):
@@ -136,6 +177,7 @@ def sync_comparison(
         remove_ledger(ledger.path)
     label = "200-chunk stream" if stream else "small call, not streamed"
     result = Comparison(f"sync {label}", raw_s, kb_s, stages)
+    result.cpu_raw_us, result.cpu_guarded_us = cpu_raw, cpu_guarded
     result.notes.append(
         f"sync {label}: median of paired differences (adjacent calls) "
         f"{fmt_us(result.paired_added_us)}"
@@ -223,6 +265,8 @@ def comparison_rows(results: list[Comparison]) -> list[list[str]]:
                 fmt_us(r.guarded.p99_us),
                 f"{r.ratio:.3f}×",
                 fmt_us(r.added_us),
+                f"{r.p99_ratio:.2f}×",
+                "n/a" if r.added_cpu_us != r.added_cpu_us else fmt_us(r.added_cpu_us),
             ]
         )
     return rows
@@ -246,6 +290,8 @@ COMPARISON_HEADERS = [
     "kimi-budget p99",
     "ratio",
     "added",
+    "p99 ratio",
+    "added CPU",
 ]
 STAGE_HEADERS = [
     "added time by stage (median)",
@@ -287,6 +333,9 @@ def run(
                 f"{calls:,} small calls, {stream_calls:,} streams, {rounds} async rounds per "
                 "client.",
                 table(COMPARISON_HEADERS, comparison_rows(results)),
+                "p99 ratio: kimi-budget's p99 over raw's. Added CPU: process CPU per call (all "
+                "threads, a background writer's included: each block of calls ends with a "
+                "flush), kimi-budget minus raw, from alternating blocks of calls.",
                 table(STAGE_HEADERS, stage_rows(results)),
                 "\n".join(f"- {note}" for r in results for note in r.notes),
             ]

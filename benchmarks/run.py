@@ -1,5 +1,5 @@
 """Every kimi-budget benchmark in one run, printed as Markdown tables, with the targets of
-issue 6 marked met or not.
+issues 6 and 13 marked met or not.
 
     python benchmarks/run.py            # full size: a 1,000,000-row ledger, several minutes
     python benchmarks/run.py --tiny     # seconds; what CI runs to keep the scripts working
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import contention
 import flatness
+import loop_lag
 import memory
 import overhead
 import profile_call
@@ -43,6 +44,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
         "7. Where the added time goes: the ledger's SQL inside real calls",
         profile_call.run,
     ),
+    "loop_lag": ("8. The async event loop under contention", loop_lag.run),
 }
 
 
@@ -54,26 +56,32 @@ def targets(results: dict[str, dict[str, Any]]) -> list[list[str]]:
         small, stream, conc = o["small"], o["stream"], o["async"]
         rows.append(
             [
-                "small call: median ≤ 1.10 × raw, 1M-row ledger, several caps",
-                f"{small.ratio:.3f}×",
-                verdict(small.ratio <= 1.10),
+                "small call: median ≤ 1.15 × raw (goal 1.10), 1M-row ledger, several caps",
+                f"{small.ratio:.3f}× ({fmt_us(small.added_us)} added; "
+                f"{fmt_us(small.added_cpu_us)} CPU added)",
+                verdict(small.ratio <= 1.15) + (", goal met" if small.ratio <= 1.10 else ""),
             ]
         )
         rows.append(
-            ["small call: ≤ 150 µs added", fmt_us(small.added_us), verdict(small.added_us <= 150)]
+            [
+                "small call: p99 ≤ 1.5 × raw's p99",
+                f"{small.p99_ratio:.2f}× ({fmt_us(small.guarded.p99_us)} vs "
+                f"{fmt_us(small.raw.p99_us)})",
+                verdict(small.p99_ratio <= 1.5),
+            ]
         )
         rows.append(
             [
-                "200-chunk stream: median ≤ 1.05 × raw",
+                "200-chunk stream: median ≤ 1.03 × raw",
                 f"{stream.ratio:.3f}×",
-                verdict(stream.ratio <= 1.05),
+                verdict(stream.ratio <= 1.03),
             ]
         )
         rows.append(
             [
-                "AsyncOpenAI, 50 concurrent (reported; same 1.10× for reference)",
+                "AsyncOpenAI, 50 concurrent (reported; same 1.15× for reference)",
                 f"{conc.ratio:.3f}×, {fmt_us(conc.added_us)} per call",
-                verdict(conc.ratio <= 1.10),
+                verdict(conc.ratio <= 1.15),
             ]
         )
     if "flatness" in results:
@@ -88,12 +96,13 @@ def targets(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     if "reports" in results:
         r = results["reports"]
         for name, (fresh, warm) in r["timings"].items():
-            limit = 0.3 if name == "status" else 1.0
+            limit = reports.LIMITS[name]
+            where = "" if name == "--help" else f" on {r['rows']:,} rows"
             rows.append(
                 [
-                    f"{name} < {limit:g} s on {r['rows']:,} rows (fresh process)",
+                    f"kimi-budget {name} ≤ {limit:g} s{where} (fresh process)",
                     f"{fmt_s(fresh)} (command alone {fmt_s(warm)})",
-                    verdict(fresh < limit),
+                    verdict(fresh <= limit),
                 ]
             )
     if "tokens" in results:
@@ -134,6 +143,16 @@ def targets(results: dict[str, dict[str, Any]]) -> list[list[str]]:
                 f"traced {growth / 1024:+,.1f} KiB, kimi_budget code {ours / 1024:+,.1f} KiB "
                 f"from chunk {first[0]:,} to {last[0]:,}",
                 verdict(growth < 256 * 1024 and ours < 16 * 1024),
+            ]
+        )
+    if "loop_lag" in results:
+        lag = results["loop_lag"]
+        rows.append(
+            [
+                f"async loop never blocked more than a few ms ({lag['processes']} processes × "
+                f"{lag['tasks']} tasks; worst probe lateness, raw client's beside it)",
+                f"{lag['worst_ms']:,.1f} ms (raw {lag['worst_raw_ms']:,.1f} ms)",
+                "reported",
             ]
         )
     return rows

@@ -12,6 +12,17 @@ subclass ``openai.OpenAIError``, so code that already catches the SDK's errors k
         └── LedgerError                the ledger cannot be opened or written
 
 Errors from Moonshot itself stay the SDK's own (``openai.RateLimitError`` and friends).
+
+Why importing this module imports ``openai``, and who may import it: the tree above is a
+promise to library users (``except openai.OpenAIError`` catches ours too), and an ``except``
+clause matches by real subclassing only, so the base must be the SDK's own class, fixed when
+this module is first imported, whatever the order of imports. That costs ``import openai``
+(most of a fresh process's start-up). The command line's read-only commands (``report``,
+``status``, ``calls``) never need it, so the modules on their path (``ledger/``, ``_budget``,
+``_config``, ``cli/``) import this module only where they raise or catch one of these errors,
+inside the function, never at the top. ``kimi_budget/__init__`` resolves its names lazily,
+and the command line's error handler looks for these classes only once ``openai`` is loaded:
+none of them can have been raised before. ``tests/test_startup_imports.py`` keeps it so.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ def test_run_tiny_prints_every_benchmark(tmp_path: Path) -> None:
         "5. Throughput under contention",
         "6. Memory of a long stream",
         "7. Where the added time goes",
+        "8. The async event loop",
         "## Targets",
     ):
         assert title in out, f"missing section {title!r}"
