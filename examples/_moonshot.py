@@ -1,40 +1,71 @@
-"""Where the examples send their calls: Moonshot when you have a key, else a local stand-in.
+"""Where the examples send their calls: a local stand-in, or Moonshot with ``--live``.
 
-With ``MOONSHOT_API_KEY`` set, the examples call the real API (``MOONSHOT_BASE_URL`` if set) and
-record to your usual ledger, like any program of yours would. Without it, they start
-``kimi_budget.testing.MoonshotStandIn`` (a loopback server that answers like Moonshot) and write
-to a temporary ledger, so nothing leaves the machine and your real ledger stays clean. With only
-``MOONSHOT_BASE_URL`` set (say, to ``python -m kimi_budget.testing --port 8765``), they call that
-server with a placeholder key, again with a temporary ledger.
+By default every example starts ``kimi_budget.testing.MoonshotStandIn`` (a loopback server that
+answers like Moonshot) and calls it with a placeholder key, whatever the environment holds: an
+exported ``MOONSHOT_API_KEY`` is not used and nothing leaves the machine.
+
+``--live`` calls the real API with your ``MOONSHOT_API_KEY`` (and ``MOONSHOT_BASE_URL`` if set).
+Each example caps its own spend with a small budget of its own.
+
+Either way the calls are recorded in a temporary ledger, deleted at the end, never in your usual
+one; ``--ledger PATH`` keeps them in a file of your choice instead (look at it afterwards with
+``kimi-budget report --ledger PATH``).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"python {sys.argv[0]}",
+        description="A kimi-budget example. Offline (a local stand-in) unless --live.",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="call Moonshot's real API with MOONSHOT_API_KEY (this spends money, within the "
+        "example's small cap)",
+    )
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help="record the calls in this file (default: a temporary ledger, deleted at the end)",
+    )
+    return parser.parse_args()
+
+
 @contextlib.contextmanager
 def moonshot(**standin_options: Any) -> Iterator[dict[str, Any]]:
-    """Keyword arguments for ``kimi_budget.OpenAI`` / ``AsyncOpenAI``."""
-    if os.environ.get("MOONSHOT_API_KEY"):
-        yield {}  # the client reads MOONSHOT_API_KEY, MOONSHOT_BASE_URL and KIMI_BUDGET_* itself
-        return
+    """Keyword arguments for ``kimi_budget.OpenAI`` / ``AsyncOpenAI``: key, base URL, ledger."""
+    args = _arguments()
     with tempfile.TemporaryDirectory(prefix="kimi-budget-example-") as scratch:
-        ledger = Path(scratch) / "ledger.db"
-        base_url = os.environ.get("MOONSHOT_BASE_URL")
-        if base_url:
-            print(f"(no MOONSHOT_API_KEY: calling {base_url} with a placeholder key)")
-            yield {"api_key": "sk-placeholder", "base_url": base_url, "ledger": ledger}
+        ledger = args.ledger if args.ledger is not None else Path(scratch) / "ledger.db"
+        kept = "" if args.ledger is not None else " (temporary)"
+        if args.live:
+            key = os.environ.get("MOONSHOT_API_KEY")
+            if not key:
+                sys.exit(
+                    "--live needs MOONSHOT_API_KEY (export MOONSHOT_API_KEY=sk-...); "
+                    "without --live the example runs offline."
+                )
+            base_url = os.environ.get("MOONSHOT_BASE_URL") or "https://api.moonshot.ai/v1"
+            print(f"(live: calling {base_url}; ledger {ledger}{kept})")
+            yield {"api_key": key, "base_url": base_url, "ledger": ledger}
             return
         from kimi_budget.testing import MoonshotStandIn
 
-        with MoonshotStandIn(**standin_options) as server:
-            print(
-                f"(offline: no MOONSHOT_API_KEY; calls go to a local stand-in at {server.base_url})"
-            )
-            yield {"api_key": "sk-offline-example", "base_url": server.base_url, "ledger": ledger}
+        key = "sk-offline-example"
+        with MoonshotStandIn(api_key=key, **standin_options) as server:
+            print(f"(offline: calls go to a local stand-in at {server.base_url}; add --live for")
+            print(f" Moonshot's real API; ledger {ledger}{kept})")
+            yield {"api_key": key, "base_url": server.base_url, "ledger": ledger}

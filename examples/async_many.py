@@ -4,7 +4,7 @@ Each call reserves its worst-case cost before it is sent, in the same SQLite tra
 checks the cap, so concurrent calls (or processes) can never overshoot it together. When the
 cap cannot cover another worst case, the call is refused before sending: BudgetExceededError.
 
-    python examples/async_many.py      # offline unless MOONSHOT_API_KEY is set
+    python examples/async_many.py      # offline; --live calls Moonshot with MOONSHOT_API_KEY
 """
 
 from __future__ import annotations

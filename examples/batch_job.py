@@ -5,7 +5,7 @@ worst case is checked against what is left; when it no longer fits, the call is 
 *before* anything is sent, and the job stops with a summary instead of a traceback, having
 spent no more than its cap.
 
-    python examples/batch_job.py       # offline unless MOONSHOT_API_KEY is set
+    python examples/batch_job.py       # offline; --live calls Moonshot with MOONSHOT_API_KEY
 """
 
 from __future__ import annotations

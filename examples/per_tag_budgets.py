@@ -14,7 +14,7 @@ The same budgets in kimi-budget.toml, without touching the code:
     daily = "0.01"
     scope = { team = "support" }
 
-    python examples/per_tag_budgets.py      # offline unless MOONSHOT_API_KEY is set
+    python examples/per_tag_budgets.py      # offline; --live calls Moonshot with MOONSHOT_API_KEY
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 Every chat completion is now checked before it is sent (context window, worst-case cost against
 each cap), reserved while in flight, and recorded exactly in a local SQLite ledger.
 
-    python examples/quickstart.py      # offline unless MOONSHOT_API_KEY is set
+    python examples/quickstart.py      # offline; --live calls Moonshot with MOONSHOT_API_KEY
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ pass (your code sees the SDK's usual chunks, unchanged) and records the exact us
 stream ends. If you stop reading early, the server still bills what it generated: the call is
 recorded as "abandoned" with an estimated cost instead of $0.
 
-    python examples/streaming.py       # offline unless MOONSHOT_API_KEY is set
+    python examples/streaming.py       # offline; --live calls Moonshot with MOONSHOT_API_KEY
 """
 
 from __future__ import annotations

@@ -1,9 +1,15 @@
-"""Every example in examples/ runs offline (against the built-in stand-in) and does what it says."""
+"""Every example in examples/ runs offline (against the built-in stand-in) and does what it says.
+
+Offline means whatever the environment holds: the examples run here with a key, a base URL and
+a ledger exported, and must use none of them. ``--live`` is the only way to the real API.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from decimal import Decimal
@@ -11,15 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from kimi_budget.testing import MoonshotStandIn
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHECKED = ("quickstart", "streaming", "async_many", "per_tag_budgets", "batch_job")
+CANARY_KEY = "sk-examples-canary-0123456789abcdef"
+# The examples run once, together, for the whole module: keep its tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("examples")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
-    """All examples at once, as subprocesses, with no key and no configuration."""
-    home = tmp_path_factory.mktemp("home")
-    work = tmp_path_factory.mktemp("work")
+def _clean_env(home: Path) -> dict[str, str]:
     env = {
         name: value
         for name, value in os.environ.items()
@@ -29,6 +36,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Compl
         HOME=str(home),
         XDG_CONFIG_HOME=str(home / ".config"),
         XDG_DATA_HOME=str(home / ".local" / "share"),
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
+    """All examples at once, as subprocesses, with a key, a base URL and a ledger exported."""
+    home = tmp_path_factory.mktemp("home")
+    work = tmp_path_factory.mktemp("work")
+    configured = work / "configured.db"
+    env = _clean_env(home)
+    env.update(
+        # None of these may be used: the examples are offline unless asked with --live.
+        MOONSHOT_API_KEY=CANARY_KEY,
+        MOONSHOT_BASE_URL="http://127.0.0.1:9/v1",
+        OPENAI_BASE_URL="http://127.0.0.1:9/v1",
+        KIMI_BUDGET_LEDGER=str(configured),
     )
     procs = {
         name: subprocess.Popen(
@@ -45,8 +69,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Compl
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=60)
         results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    # Offline runs write only to temporary ledgers: the user's data directory stays empty.
+    # Offline runs write only to temporary ledgers: the user's data directory stays empty, and
+    # the ledger named in the environment is not created.
     assert not (home / ".local" / "share" / "kimi-budget").exists()
+    assert not configured.exists()
+    assert list(work.iterdir()) == []
     return results
 
 
@@ -60,7 +87,8 @@ def test_example_runs_offline(name: str, runs: dict[str, subprocess.CompletedPro
     result = runs[name]
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert "offline: no MOONSHOT_API_KEY" in result.stdout
+    assert "offline: calls go to a local stand-in at http://127.0.0.1:" in result.stdout
+    assert CANARY_KEY not in result.stdout + result.stderr
 
 
 def test_quickstart(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
@@ -118,3 +146,43 @@ def test_batch_job(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
     assert spent and 0 < Decimal(spent[1]) <= Decimal(spent[2])
     assert "stopped cleanly: the budget ran out" in out
     assert f"resume from document {int(done[1]) + 1}" in out
+
+
+def test_live_calls_the_configured_api_and_keeps_the_ledger_asked_for(tmp_path: Path) -> None:
+    """``--live`` uses MOONSHOT_API_KEY and MOONSHOT_BASE_URL (here a stand-in playing Moonshot)."""
+    kept = tmp_path / "kept.db"
+    with MoonshotStandIn(api_key=CANARY_KEY) as server:
+        env = _clean_env(tmp_path / "home")
+        env.update(MOONSHOT_API_KEY=CANARY_KEY, MOONSHOT_BASE_URL=server.base_url)
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "quickstart.py"), "--live", "--ledger", str(kept)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        sent = len(server.chat_requests)
+    assert result.returncode == 0, result.stderr
+    assert f"live: calling {server.base_url}" in result.stdout
+    assert sent == 1
+    with contextlib.closing(sqlite3.connect(kept)) as conn:
+        rows = conn.execute("SELECT count(*) FROM calls").fetchone()[0]
+    assert rows == 1
+    assert not (tmp_path / "home" / ".local" / "share" / "kimi-budget").exists()
+
+
+def test_live_without_a_key_says_what_is_missing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py"), "--live"],
+        cwd=tmp_path,
+        env=_clean_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "--live needs MOONSHOT_API_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
