@@ -9,6 +9,7 @@ from pathlib import Path
 import openai._base_client as openai_base
 import pytest
 import respx
+from hypothesis import HealthCheck, settings
 
 import kimi_budget as kb
 from kimi_budget.testing import MoonshotStandIn
@@ -22,6 +23,25 @@ KEY = "sk-kimibudget-test-canary-0123456789abcdef"
 # Read before any test runs: the isolated_env fixture removes every KIMI_BUDGET_ variable.
 _POSTGRES_URL = os.environ.get(ENV_URL)
 _POSTGRES_DATA = os.environ.get(ENV_DATA)
+
+# No wall-clock checks in tests: hypothesis's default 200 ms deadline per example, and its
+# "too slow" health check, fail on a loaded machine for reasons that are not bugs.
+settings.register_profile(
+    "kimi-budget", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("kimi-budget")
+
+# The suite runs in parallel (pytest-xdist, -n auto); a test that runs for tens of seconds and
+# starts last makes the whole run wait for it. These start first.
+_STARTED_FIRST = ("test_benchmarks_smoke.py", "stress", "test_examples.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        parts = item.path.parts
+        return next((i for i, name in enumerate(_STARTED_FIRST) if name in parts), 99)
+
+    items.sort(key=rank)  # stable: the order within each file is kept
 
 
 @pytest.fixture(autouse=True)

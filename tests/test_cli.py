@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -711,7 +710,6 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_console_script_demo_offline_without_a_key(tmp_path: Path) -> None:
     not_used = tmp_path / "configured.db"
-    started = time.perf_counter()
     result = run(
         "demo",
         env={
@@ -721,9 +719,7 @@ def test_console_script_demo_offline_without_a_key(tmp_path: Path) -> None:
             "KIMI_BUDGET_LEDGER": str(not_used),
         },
     )
-    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
-    assert elapsed < 10
     assert "refused before sending" in result.stdout and "BudgetExceededError" in result.stdout
     total = next(line for line in result.stdout.splitlines() if line.startswith("TOTAL"))
     assert "$0 " not in total and "$0.0" in total

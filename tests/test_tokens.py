@@ -14,7 +14,6 @@ import random
 import struct
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -515,11 +514,11 @@ def test_images_make_counts_inexact_and_cost_by_size() -> None:
 
 
 def test_base64_payload_is_never_tokenized() -> None:
+    # 3 MB of base64 would be millions of tokens as text; as an image it is its pixel count.
+    # (How long it takes is measured in benchmarks/tokens.py, not asserted here.)
     huge = _data_url("png", _png(640, 480) + random.Random(1).randbytes(3_000_000))
     req = body({"role": "user", "content": [{"type": "image_url", "image_url": {"url": huge}}]})
-    start = time.perf_counter()
     est = count_request_tokens(req, "kimi_k2")
-    assert time.perf_counter() - start < 0.05
     assert est.tokens < 1000
 
 
@@ -787,11 +786,14 @@ def test_approximation_covers_ids_and_base64() -> None:
         assert count_text_tokens(blob, "approximate") > 0.9 * count_text_tokens(blob, "kimi_k2")
 
 
-def test_approximation_needs_no_tokenizer_and_is_cheap() -> None:
+def test_approximation_needs_no_tokenizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its speed is measured in benchmarks/tokens.py ("approximate"), not asserted here.
+    def no_vocabulary(name: str) -> None:
+        raise AssertionError(f"the approximation loaded the {name} vocabulary")
+
+    monkeypatch.setattr(T, "load_tokenizer", no_vocabulary)
     text = (ENGLISH + CHINESE + CODE) * 200  # ~400k characters
-    start = time.perf_counter()
-    count_text_tokens(text, "approximate")
-    assert time.perf_counter() - start < 0.05
+    assert count_text_tokens(text, "approximate") > len(text) // 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -871,7 +873,8 @@ def _mixed_prompt(target_tokens: int) -> list[str]:
     return parts
 
 
-def test_counting_a_200k_token_prompt_is_fast() -> None:
+def test_counting_a_200k_token_prompt() -> None:
+    # How long this takes is measured in benchmarks/tokens.py, not asserted here.
     en, zh, code = _mixed_prompt(200_000)
     req = body(
         {"role": "system", "content": en},
@@ -879,23 +882,6 @@ def test_counting_a_200k_token_prompt_is_fast() -> None:
         {"role": "user", "content": code},
     )
     K2.clear_cache()  # no help from splintr's chunk cache
-    start = time.perf_counter()
     est = count_request_tokens(req, "kimi_k2")
-    elapsed = time.perf_counter() - start
     assert est.tokens >= 190_000
-    # Budget is 50 ms; the benchmark measures ~20 ms on 2 cores.  The slack absorbs noisy CI.
-    assert elapsed < 0.1, f"{elapsed * 1000:.1f} ms"
 
-
-def test_small_prompt_overhead_is_microseconds() -> None:
-    req = body(
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Hi there"},
-    )
-    count_request_tokens(req, "kimi_k2")
-    n = 2000
-    start = time.perf_counter()
-    for _ in range(n):
-        count_request_tokens(req, "kimi_k2")
-    per_call = (time.perf_counter() - start) / n
-    assert per_call < 50e-6, f"{per_call * 1e6:.1f} us"
