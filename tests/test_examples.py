@@ -163,9 +163,9 @@ def test_live_calls_the_configured_api_and_keeps_the_ledger_asked_for(tmp_path: 
             timeout=60,
             check=False,
         )
-        sent = len(server.chat_requests)
+        sent, base_url = len(server.chat_requests), server.base_url
     assert result.returncode == 0, result.stderr
-    assert f"live: calling {server.base_url}" in result.stdout
+    assert f"live: calling {base_url}" in result.stdout
     assert sent == 1
     with contextlib.closing(sqlite3.connect(kept)) as conn:
         rows = conn.execute("SELECT count(*) FROM calls").fetchone()[0]

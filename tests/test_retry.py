@@ -378,6 +378,10 @@ def test_sigkilled_process_reservation_expires(ledger_path: Path) -> None:
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait(10)
+        # Closed now: a pipe left to the garbage collector warns (ResourceWarning) inside
+        # whichever test runs when it is collected, and tests here turn warnings into errors.
+        assert child.stdout is not None
+        child.stdout.close()
     assert child.returncode == -signal.SIGKILL
     budget = kb.Budget(daily="0.0005")
     now = datetime.now(timezone.utc)

@@ -746,3 +746,5 @@ def test_cli_prints_base_url() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()  # not left to the garbage collector (a ResourceWarning)
