@@ -33,6 +33,7 @@ from typing import Any
 
 __all__ = [
     "ENV_URL",
+    "Bouncer",
     "Cluster",
     "PostgresUnavailable",
     "Server",
@@ -224,6 +225,90 @@ class Cluster:
             shutil.rmtree(cluster.base, ignore_errors=True)
             raise
         return cluster
+
+
+class Bouncer:
+    """PgBouncer in transaction pooling mode in front of ``url``'s server, on a free port.
+
+    Debian's ``pgbouncer`` package; a small pool (2 server connections) so that consecutive
+    transactions of one client land on different server sessions, as in production.
+    """
+
+    def __init__(self, url: str, pool_size: int = 2) -> None:
+        from urllib.parse import urlsplit
+
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not Path(binary).exists():
+            raise PostgresUnavailable("no pgbouncer binary (Debian: apt-get install pgbouncer)")
+        self.binary = binary
+        parts = urlsplit(url)
+        self.target_host = parts.hostname or "127.0.0.1"
+        self.target_port = parts.port or 5432
+        self.user = parts.username or SUPERUSER
+        self.pool_size = pool_size
+        self.base = Path(tempfile.mkdtemp(prefix="kb-pgbouncer-"))
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.run_as = _run_as()
+
+    def url_for(self, dbname: str) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self) -> None:
+        self.port = _free_port()
+        users = self.base / "users.txt"
+        users.write_text(f'"{self.user}" ""\n')
+        config = self.base / "pgbouncer.ini"
+        config.write_text(
+            "[databases]\n"
+            f"* = host={self.target_host} port={self.target_port}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {users}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {self.pool_size}\n"
+            "max_client_conn = 200\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {self.base / 'pgbouncer.log'}\n"
+        )
+        kwargs: dict[str, Any] = {}
+        if self.run_as is not None:
+            for path in (self.base, users, config):
+                os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
+            kwargs.update(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[])
+        self.proc = subprocess.Popen(
+            [self.binary, str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            **kwargs,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise PostgresUnavailable(f"pgbouncer exited: {err[-1000:]}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return
+            time.sleep(0.05)
+        raise PostgresUnavailable("pgbouncer did not start listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 class Server:
