@@ -26,7 +26,7 @@ def redact_url(url: str) -> str:
     The password in the user part and ``password=``/``sslpassword=`` query parameters are
     replaced; everything else (user, hosts, database, options) is kept for messages.
     """
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    from urllib.parse import parse_qsl, urlencode, urlsplit
 
     try:
         parts = urlsplit(url)
@@ -43,4 +43,5 @@ def redact_url(url: str) -> str:
             query = urlencode(
                 [(k, "***" if k in _URL_PASSWORD_KEYS else v) for k, v in pairs], safe="*"
             )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else netloc + parts.path
+    return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
