@@ -19,6 +19,7 @@ every time zone, DST days included, and faster than ``GROUP BY substr(created_at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,8 +43,10 @@ __all__ = [
     "Report",
     "ReportRow",
     "build_report",
+    "costliest_calls",
     "list_calls",
     "parse_when",
+    "tag_keys",
 ]
 
 BUCKETS = {"day": "daily", "week": "weekly", "month": "monthly"}
@@ -493,6 +496,43 @@ def _newest_slot(
             if seen >= limit:
                 break
     return floor
+
+
+def costliest_calls(
+    ledger: Ledger,
+    *,
+    limit: int = 10,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    model: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """The ``limit`` settled calls that cost the most, most expensive first (as ``list_calls``)."""
+    where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
+    cursor = ledger.conn.execute(
+        f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED}{where} "
+        "ORDER BY cost_nanos DESC, created_at DESC LIMIT ?",
+        [*params, limit],
+    )
+    names = [d[0] for d in cursor.description]
+    result = []
+    for values in cursor.fetchall():
+        row = dict(zip(names, values, strict=True))
+        row["tags"] = json.loads(row["tags"] or "{}")
+        row["stream"] = bool(row["stream"])
+        row["estimated"] = bool(row["estimated"])
+        row["cost_nanos"] = int(row["cost_nanos"])
+        result.append(row)
+    return result
+
+
+def tag_keys(ledger: Ledger) -> list[str]:
+    """Every tag key that settled calls carry (from the rollup: one row per tag set)."""
+    keys: set[str] = set()
+    for (text,) in ledger.conn.execute("SELECT DISTINCT tags FROM usage_rollup"):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            keys.update(json.loads(text or "{}").keys())
+    return sorted(keys)
 
 
 # -- status --------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ They open the ledger read-only in spirit: a missing ledger is a user error, neve
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import click
 
-from .._config import resolve_budgets, resolve_ledger_path
+from .._config import FileConfig, resolve_budgets, resolve_ledger_path
 from . import _report as rp
 from . import _tables as tb
 from ._app import (
@@ -41,6 +43,21 @@ __all__ = ["calls", "path", "report", "status"]
     metavar="day|week|month|model|tag:KEY|total",
     help="How to group the spend.",
 )
+@click.option(
+    "--chart",
+    is_flag=True,
+    help="Draw the spend per day (week, month) as bars stacked by model, with the cap as a "
+    "line (with --by day, week or month).",
+)
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Write one self-contained HTML page (no network needed to view it): spend per day "
+    "by model with the caps, by tag, cache savings and the most expensive calls.",
+)
 @ledger_file_option()
 @json_option
 @csv_option
@@ -51,6 +68,8 @@ def report(
     tag_pairs: tuple[str, ...],
     tz: str | None,
     by: str,
+    chart: bool,
+    html_file: Path | None,
     ledger_option: Path | None,
     as_json: bool,
     as_csv: bool,
@@ -64,9 +83,27 @@ def report(
         by.startswith("tag:") and len(by) > 4
     ):
         raise UserError(f"--by must be day, week, month, model, tag:KEY or total, not {by!r}.")
+    if chart and by not in ("day", "week", "month"):
+        raise UserError(
+            f"--chart draws spend over time: use it with --by day, week or month, not --by {by}."
+        )
+    if chart and mode != "text":
+        raise UserError(f"--chart draws text for a person; it cannot be combined with --{mode}.")
     file = config()
     zone = zone_name(tz, file)
     start, end, tags = parse_filters(since, until, tag_pairs, zone)
+    if html_file is not None:
+        from ._html import write_report_page
+
+        write_report_page(
+            html_file, ledger_option, file, since=start, until=end, model=model, tags=tags, tz=zone
+        )
+        return
+    if chart:
+        _draw_chart(
+            ledger_option, file, by=by, since=start, until=end, model=model, tags=tags, tz=zone
+        )
+        return
     with open_ledger(ledger_option, file) as ledger:
         result = rp.build_report(
             ledger, by=by, since=start, until=end, model=model, tags=tags, tz=zone
@@ -224,3 +261,45 @@ def path(ledger_option: Path | None, as_json: bool) -> None:
         )
     else:
         click.echo(str(where))
+
+
+def _draw_chart(
+    ledger_option: Path | None,
+    file: FileConfig,
+    *,
+    by: str,
+    since: datetime | None,
+    until: datetime | None,
+    model: str | None,
+    tags: dict[str, str],
+    tz: str,
+) -> None:
+    import shutil
+    import sys
+
+    from . import _chart, _figures
+    from ._progress import progress
+
+    budgets = resolve_budgets(None, file)
+    filters: dict[str, Any] = {"since": since, "until": until, "tags": tags, "tz": tz}
+    with open_ledger(ledger_option, file) as ledger:
+        models = _figures.models_spent(ledger, model=model, **filters)
+        with progress(len(models), "Reading the ledger") as step:
+            days = _figures.chart_days(ledger, models, by=by, step=step, **filters)
+        cap = _figures.period_cap(_figures.budget_caps(ledger, budgets), by, tags)
+        where = str(ledger.path)
+    terminal = sys.stdout.isatty()
+    width = min(shutil.get_terminal_size((80, 24)).columns, 120) if terminal else 80
+    scope = tb.describe(since, until, model, tags, tz)
+    click.echo(f"Spend by {by} ({tz}{', ' + scope if scope else ''}), stacked by model")
+    click.echo(f"in {where}")
+    click.echo()
+    click.echo(
+        _chart.spend_chart(
+            days,
+            cap_nanos=cap.limit_nanos if cap else None,
+            cap_label=cap.label if cap else "cap",
+            width=max(width, 60),
+            fancy=terminal,
+        )
+    )

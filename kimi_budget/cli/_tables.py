@@ -262,16 +262,27 @@ def _pending_note(report: Report) -> str:
 
 
 def describe_filters(report: Report) -> str:
+    return describe(report.since, report.until, report.model, report.tags, report.tz)
+
+
+def describe(
+    since: datetime | None,
+    until: datetime | None,
+    model: str | None,
+    tags: Mapping[str, str],
+    tz: str,
+) -> str:
+    """The filters of a report in words: ``2026-11-01T00:00+08:00 .. now, model kimi-k2.6``."""
     parts = []
-    if report.since or report.until:
-        zone = ZoneInfo(report.tz)
-        since = report.since.astimezone(zone).isoformat(timespec="minutes") if report.since else ""
-        until = report.until.astimezone(zone).isoformat(timespec="minutes") if report.until else ""
-        parts.append(f"{since or 'start'} .. {until or 'now'}")
-    if report.model:
-        parts.append(f"model {report.model}")
-    if report.tags:
-        parts.append(" ".join(f"{k}={v}" for k, v in report.tags.items()))
+    if since or until:
+        zone = ZoneInfo(tz)
+        start = since.astimezone(zone).isoformat(timespec="minutes") if since else ""
+        end = until.astimezone(zone).isoformat(timespec="minutes") if until else ""
+        parts.append(f"{start or 'start'} .. {end or 'now'}")
+    if model:
+        parts.append(f"model {model}")
+    if tags:
+        parts.append(" ".join(f"{k}={v}" for k, v in tags.items()))
     return ", ".join(parts)
 
 
