@@ -298,8 +298,10 @@ def resolve_prices(
     prices: Mapping[str, Mapping[str, Any]] | None,
     prices_file: str | os.PathLike[str] | None,
     file: FileConfig,
+    currency: str = "USD",
 ) -> PriceTable:
-    """Built-in prices, then the price file, then the config's ``[prices]``, then ``prices=``."""
+    """Built-in prices of ``currency``, then the price file, then the config's ``[prices]``,
+    then ``prices=``."""
     from ._exceptions import PriceTableError
     from .pricing import PriceTable, _parse_entry
 
@@ -312,7 +314,7 @@ def resolve_prices(
             source = file.where("prices_file")
     try:
         path = None if prices_file is None else Path(prices_file)
-        table = dict(PriceTable.load(prices_file=path).models)
+        table = dict(PriceTable.load(prices_file=path, currency=currency).models)
     except PriceTableError as exc:
         if prices_file is None:
             raise
@@ -328,12 +330,18 @@ def resolve_prices(
             base=table.get(name),
             source=str(file.path),
             locate=lambda model, key: file.where(f'prices."{model}"' + (f".{key}" if key else "")),
+            currency=currency,
         )
     for name, entry in (prices or {}).items():
         table[name] = _parse_entry(
-            name, entry, base=table.get(name), source="prices= argument", locate=None
+            name,
+            entry,
+            base=table.get(name),
+            source="prices= argument",
+            locate=None,
+            currency=currency,
         )
-    return PriceTable(table)
+    return PriceTable(table, currency)
 
 
 def resolve_exact_tokens(exact_tokens: str | None, file: FileConfig) -> str:

@@ -76,8 +76,10 @@ class Prepared:
         if self.max_tokens is not None:
             return self.max_tokens
         # Without max_tokens the server stops at its default or at the end of the window.
-        room = self.price.context_window - self.estimate.tokens
-        return max(min(self.price.default_max_tokens, room), 0)
+        room = max(self.price.context_window - self.estimate.tokens, 0)
+        default = self.price.default_max_tokens
+        # A model priced by the user without its default output: the whole window.
+        return room if default is None else min(default, room)
 
     @property
     def projected_nanos(self) -> int:

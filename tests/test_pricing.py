@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
@@ -35,11 +36,45 @@ DOCUMENT = {
     "moonshot-v1-128k-vision-preview": ("2.00", "2.00", "5.00", 131_072),
 }
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_590a4b32a0d7b38a.txt"
+RETIRED_ON = {
+    **dict.fromkeys(
+        (
+            "kimi-k2-0711-preview",
+            "kimi-k2-0905-preview",
+            "kimi-k2-turbo-preview",
+            "kimi-k2-thinking",
+            "kimi-k2-thinking-turbo",
+        ),
+        date(2026, 5, 25),
+    ),
+    **{m: date(2026, 8, 31) for m in DOCUMENT if m == "kimi-k2.5" or m.startswith("moonshot")},
+}
+# Today's models, copied by hand from shared/moonshot-models-2026.md (USD per 1M: hit, miss,
+# output, 5-minute write, 1-hour write; context window, default output, tokenizer).
+CURRENT = {
+    "kimi-k2.6": ("0.16", "0.95", "4.00", None, None, 262_144, 32_768, "kimi_k2"),
+    "kimi-k2.7-code": ("0.19", "0.95", "4.00", None, None, 262_144, 32_768, "kimi_k2"),
+    "kimi-k2.7-code-highspeed": ("0.38", "1.90", "8.00", None, None, 262_144, 32_768, "kimi_k2"),
+    "kimi-k3": ("0.30", "3.00", "15.00", "3.00", "6.00", 1_048_576, 131_072, "kimi_k3"),
+    "kimi-k3.1-pro": ("0.20", "2.00", "10.00", "2.00", "4.00", 1_048_576, 131_072, "kimi_k3"),
+    # Hit 0.40, not the sheet's 0.20: "highspeed costs exactly 2x on every component" and the
+    # dearer reading when sources disagree (see test_price_registry.py).
+    "kimi-k3.1-pro-highspeed": (
+        "0.40",
+        "4.00",
+        "20.00",
+        "4.00",
+        "8.00",
+        1_048_576,
+        131_072,
+        "kimi_k3",
+    ),
+}
 
 
-def test_builtin_table_is_the_document() -> None:
+def test_builtin_table_keeps_the_document_with_retirement_dates() -> None:
     table = PriceTable.load()
-    assert sorted(table.models) == sorted(DOCUMENT)
+    assert sorted(table.models) == sorted({**DOCUMENT, **CURRENT})
     for model, (hit, miss, output, window) in DOCUMENT.items():
         price = table.get(model)
         assert price.per_million_usd() == {
@@ -48,6 +83,53 @@ def test_builtin_table_is_the_document() -> None:
             "output": Decimal(output),
         }
         assert price.context_window == window and price.source == BUILTIN_SOURCE
+        assert price.retired == RETIRED_ON[model] and not price.current
+        assert price.default_max_tokens == 1024 and price.currency == "USD"
+        assert price.reference and "pricing document" in price.reference
+
+
+def test_builtin_table_has_todays_models() -> None:
+    table = PriceTable.load()
+    for model, (hit, miss, out, w5, w1, window, default, tokenizer) in CURRENT.items():
+        price = table.get(model)
+        expected = {"cache_hit": hit, "cache_miss": miss, "output": out}
+        if w5 is not None:
+            expected |= {"cache_write_5m": w5, "cache_write_1h": w1}
+        assert price.per_million() == {k: Decimal(v) for k, v in expected.items()}, model
+        assert (price.context_window, price.default_max_tokens) == (window, default)
+        assert price.tokenizer == tokenizer and price.current and price.retired is None
+        assert price.reference and price.as_of == "2026-11-30"
+    # Highspeed variants: exactly twice their base model on every token price.
+    for fast, base in (
+        ("kimi-k2.7-code-highspeed", "kimi-k2.7-code"),
+        ("kimi-k3.1-pro-highspeed", "kimi-k3.1-pro"),
+    ):
+        f, b = table.get(fast).per_million(), table.get(base).per_million()
+        assert f == {k: 2 * v for k, v in b.items()}
+    assert not table.get("kimi-k3").batch and table.get("kimi-k2.6").batch
+
+
+def test_cny_table_is_the_china_platforms() -> None:
+    table = PriceTable.load(currency="CNY")
+    assert table.currency == "CNY"
+    k3 = table.get("kimi-k3")
+    assert k3.currency == "CNY" and k3.per_million() == {
+        "cache_hit": Decimal("2.00"),
+        "cache_miss": Decimal("20.00"),
+        "output": Decimal("100.00"),
+        "cache_write_5m": Decimal("20.00"),
+        "cache_write_1h": Decimal("40.00"),
+    }
+    assert table.get("kimi-k2.6").per_million() == {
+        "cache_hit": Decimal("1.10"),
+        "cache_miss": Decimal("6.50"),
+        "output": Decimal("27.00"),
+    }
+    assert table.get("kimi-k2-turbo-preview").per_million()["output"] == Decimal("58")
+    assert table.get("moonshot-v1-128k").per_million()["cache_miss"] == Decimal("10")
+    # No CNY price was published for kimi-k3.1-pro: unknown, never borrowed from USD.
+    assert "kimi-k3.1-pro" not in table
+    assert {p.currency for p in table} == {"CNY"}
 
 
 @pytest.mark.skipif(not SEED.exists(), reason="the pricing document is not beside this checkout")
@@ -67,7 +149,7 @@ def test_hand_copy_matches_the_pricing_document() -> None:
 
 
 @pytest.mark.parametrize("model", sorted(DOCUMENT))
-def test_cost_of_a_call_with_cache_hits_matches_hand_calculation(
+def test_cost_of_a_call_to_a_retired_model_with_cache_hits_matches_hand_calculation(
     model: str, moonshot_mock: respx.Router, ledger_path: Path
 ) -> None:
     moonshot_mock.post("/chat/completions").mock(
@@ -203,3 +285,22 @@ def test_three_decimal_prices_are_whole_nanos(price: Decimal) -> None:
 def test_four_decimal_price_is_refused() -> None:
     with pytest.raises(ValueError, match="three decimals"):
         price_to_nanos_per_token(Decimal("0.0001"))
+
+
+def test_prices_command_says_which_models_are_current_and_which_retired() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from kimi_budget.cli import cli
+
+    result = CliRunner().invoke(cli, ["prices", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["model"]: row for row in json.loads(result.output)}
+    assert rows["kimi-k3"]["status"] == "current" and rows["kimi-k3"]["retired"] is None
+    assert rows["kimi-k3"]["cache_write_1h"] == "6.00" and rows["kimi-k3"]["batch"] is False
+    assert rows["kimi-k2.5"]["status"] == "retired" and rows["kimi-k2.5"]["retired"] == "2026-08-31"
+    text = CliRunner().invoke(cli, ["prices"]).output
+    assert "retired 2026-05-25" in text and "current" in text
+    cny = json.loads(CliRunner().invoke(cli, ["prices", "--currency", "CNY", "--json"]).output)
+    assert {row["currency"] for row in cny} == {"CNY"}

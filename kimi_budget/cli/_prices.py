@@ -104,27 +104,49 @@ def estimate(
 
 
 @cli.command()
+@click.option(
+    "--currency",
+    type=click.Choice(["USD", "CNY"], case_sensitive=False),
+    default="USD",
+    show_default=True,
+    help="USD: api.moonshot.ai's table; CNY: api.moonshot.cn's.",
+)
 @ledger_file_option(hidden=True)
 @json_option
 @csv_option
-def prices(ledger_option: Path | None, as_json: bool, as_csv: bool) -> None:
-    """The price table in use (USD per million tokens) and where each entry comes from."""
+def prices(currency: str, ledger_option: Path | None, as_json: bool, as_csv: bool) -> None:
+    """The price table in use (per million tokens), which models are current or retired, and
+    where each entry comes from."""
     from ..pricing import BUILTIN_SOURCE
 
     mode = output_mode(as_json, as_csv)
-    table = resolve_prices(None, None, config())
+    currency = currency.upper()
+    table = resolve_prices(None, None, config(), currency=currency)
+
+    def optional(nanos: int | None) -> str | None:
+        return None if nanos is None else tb.per_million(nanos)
+
     entries: list[dict[str, Any]] = [
         {
             "model": p.model,
+            "status": "current" if p.current else "retired",
+            "retired": p.retired.isoformat() if p.retired else None,
+            "currency": p.currency,
             "cache_hit": tb.per_million(p.cache_hit),
             "cache_miss": tb.per_million(p.cache_miss),
             "output": tb.per_million(p.output),
+            "cache_write_5m": optional(p.cache_write_5m),
+            "cache_write_1h": optional(p.cache_write_1h),
             "context_window": p.context_window,
             "default_max_tokens": p.default_max_tokens,
+            "max_output_tokens": p.max_output_tokens,
+            "batch": p.batch,
             "tokenizer": p.tokenizer,
             "source": p.source,
+            "reference": p.reference,
+            "as_of": p.as_of,
         }
-        for p in table.models.values()
+        for p in sorted(table.models.values(), key=lambda p: (p.retired is not None, p.model))
     ]
     if mode == "json":
         print_json(entries)
@@ -133,24 +155,45 @@ def prices(ledger_option: Path | None, as_json: bool, as_csv: bool) -> None:
     if mode == "csv":
         click.echo(tb.to_csv(headers, [list(e.values()) for e in entries]), nl=False)
         return
+    sign = "¥" if currency == "CNY" else "$"
     rows = [
         [
             e["model"],
-            f"${e['cache_hit']}",
-            f"${e['cache_miss']}",
-            f"${e['output']}",
+            "current" if e["status"] == "current" else f"retired {e['retired']}",
+            f"{sign}{e['cache_hit']}",
+            f"{sign}{e['cache_miss']}",
+            f"{sign}{e['output']}",
+            f"{sign}{e['cache_write_1h']}" if e["cache_write_1h"] else "-",
             tb.tokens(e["context_window"]),
+            tb.tokens(e["default_max_tokens"]) if e["default_max_tokens"] else "window",
             e["tokenizer"],
             "built in" if e["source"] == BUILTIN_SOURCE else e["source"],
         ]
         for e in entries
     ]
-    click.echo("USD per million tokens; built in = Moonshot's pricing document.\n")
+    platform = "api.moonshot.cn" if currency == "CNY" else "api.moonshot.ai"
+    click.echo(
+        f"{currency} per million tokens ({platform}); built in = Moonshot's published prices "
+        "(kimi-budget prices --json shows each entry's reference and date).\n"
+        "Retired models answer 404; their prices stay for old ledgers. The Batch API bills "
+        "60 % of these prices.\n"
+    )
     click.echo(
         tb.table(
-            ["model", "cache hit", "cache miss", "output", "context", "tokenizer", "source"],
+            [
+                "model",
+                "status",
+                "cache hit",
+                "cache miss",
+                "output",
+                "1h write",
+                "context",
+                "default out",
+                "tokenizer",
+                "source",
+            ],
             rows,
-            right=(1, 2, 3, 4),
+            right=(2, 3, 4, 5, 6, 7),
         )
     )
 
