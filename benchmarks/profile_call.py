@@ -1,6 +1,7 @@
 """Where a guarded call's added time goes: every SQL statement of the ledger, timed inside real
 calls (caches as cold as they really are between two HTTP round trips), and the same
-statements run back to back for comparison.
+statements run back to back for comparison; then kimi-budget's own Python, function by
+function, from ``cProfile`` over real calls.
 
     python benchmarks/profile_call.py [--tiny]
 """
@@ -100,6 +101,44 @@ def _back_to_back(ledger: Any, budget: Any, cycles: int) -> None:
         )
 
 
+def python_profile(client: Any, calls: int, top: int = 15) -> tuple[list[list[str]], float]:
+    """kimi-budget's own Python per call, by function (``cProfile``'s own time, µs per call).
+
+    Only functions in kimi_budget's files are listed; their own time leaves out the C
+    functions they call (SQLite's statements: the table above; json, datetime). cProfile
+    slows Python code down (about 2x), so read shares, not absolute figures. Returns the
+    rows and the total of kimi_budget's own time per call.
+    """
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64)
+    profiler.disable()
+    stats: Any = pstats.Stats(profiler)
+    ours: list[tuple[float, int, str]] = []
+    for (filename, line, name), (_, ncalls, own, *_rest) in stats.stats.items():
+        path = filename.replace("\\", "/")
+        if "/kimi_budget/" not in path:
+            continue
+        where = path.split("/kimi_budget/", 1)[1]
+        ours.append((own, ncalls, f"{where}:{line} {name}"))
+    ours.sort(reverse=True)
+    total = sum(own for own, _, _ in ours) / calls * 1e6
+    rows = [
+        [
+            label,
+            f"{ncalls / calls:g}",
+            fmt_us(own / calls * 1e6),
+            f"{own / calls * 1e6 / total:.0%}",
+        ]
+        for own, ncalls, label in ours[:top]
+    ]
+    return rows, total
+
+
 def run(*, tiny: bool = False, rows: int | None = None, calls: int | None = None) -> dict[str, Any]:
     import kimi_budget as kb
 
@@ -110,6 +149,8 @@ def run(*, tiny: bool = False, rows: int | None = None, calls: int | None = None
     budget = make_budget()
     in_calls: dict[str, list[int]] = defaultdict(list)
     b2b: dict[str, list[int]] = defaultdict(list)
+    profiled: list[list[str]] = []
+    python_total = 0.0
     try:
         check_totals(ledger, budget)
         with standin(stream_chunks=200) as url:
@@ -125,6 +166,7 @@ def run(*, tiny: bool = False, rows: int | None = None, calls: int | None = None
                 _back_to_back(ledger, budget, calls)
             finally:
                 ledger._conn = real
+            profiled, python_total = python_profile(client, calls)
             client.close()
     finally:
         ledger.close()
@@ -150,9 +192,19 @@ def run(*, tiny: bool = False, rows: int | None = None, calls: int | None = None
             "A guarded call makes two short write transactions (reserve, settle). Between "
             "them the HTTP stack, pydantic and the SDK run, so the same SQLite and Python code "
             "runs with cold CPU caches: each statement costs about twice its back-to-back time.",
+            f"kimi-budget's own Python (cProfile, {calls:,} more calls, own time per call, "
+            f"without the C functions called (SQL: above); cProfile about doubles "
+            f"Python's cost, so read the shares): {fmt_us(python_total)} per call in all.",
+            table(["function", "calls per call", "own time", "share"], profiled),
         ]
     )
-    return {"in_calls": total_in, "b2b": total_b2b, "text": text}
+    return {
+        "in_calls": total_in,
+        "b2b": total_b2b,
+        "python_us": python_total,
+        "python": profiled,
+        "text": text,
+    }
 
 
 def main() -> None:
