@@ -42,7 +42,7 @@ def _worker(barrier: Any, results: Any, worker: int, path: str, seconds: float) 
     import sqlite3
 
     import kimi_budget as kb
-    from kimi_budget._ledger import Reservation, Settlement
+    from kimi_budget.ledger import Reservation, Settlement
 
     ledger = kb.Ledger(path)
     budgets = (make_budget(),)

@@ -37,7 +37,7 @@ UTC = timezone.utc
 
 def cycle(ledger: Any, budgets: tuple[Any, ...]) -> tuple[int, int]:
     """One call's ledger work: check and reserve, then settle. Returns both durations (ns)."""
-    from kimi_budget._ledger import Reservation, Settlement
+    from kimi_budget.ledger import Reservation, Settlement
 
     now = datetime.now(UTC)
     reservation = Reservation(

@@ -69,7 +69,7 @@ def _table(words: list[str]) -> str:
 
 
 def _back_to_back(ledger: Any, budget: Any, cycles: int) -> None:
-    from kimi_budget._ledger import Reservation, Settlement
+    from kimi_budget.ledger import Reservation, Settlement
 
     for _ in range(cycles):
         now = datetime.now(UTC)

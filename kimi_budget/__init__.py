@@ -32,7 +32,7 @@ if typing.TYPE_CHECKING:
         PriceTableError,
         UnknownModelError,
     )
-    from ._ledger import Ledger
+    from .ledger import Ledger
 
     __version__: str
 
@@ -59,7 +59,7 @@ _HOMES = {
     "BudgetExceededError": "._exceptions",
     "ContextLengthExceededError": "._exceptions",
     "KimiBudgetError": "._exceptions",
-    "Ledger": "._ledger",
+    "Ledger": ".ledger",
     "LedgerError": "._exceptions",
     "OpenAI": "._client",
     "PriceTableError": "._exceptions",

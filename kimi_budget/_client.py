@@ -40,10 +40,10 @@ from ._guard import (
     recount_exactly,
     request_body,
 )
-from ._ledger import Ledger
 from ._provider import resolve_provider
 from ._retry import explain_quota_error
 from ._streams import tee_async, tee_sync
+from .ledger import Ledger
 from .pricing import BUILTIN_SOURCE
 
 __all__ = ["AsyncOpenAI", "OpenAI"]

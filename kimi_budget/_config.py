@@ -282,7 +282,7 @@ def _budget_factory(kwargs: dict[str, Any]) -> Callable[[], Budget]:
 
 def resolve_ledger_path(ledger: Any, file: FileConfig) -> tuple[Path, str]:
     """The ledger file (argument > ``KIMI_BUDGET_LEDGER`` > file ``ledger`` > user data dir)."""
-    from ._ledger import default_ledger_path
+    from .ledger import default_ledger_path
 
     if ledger is not None:
         return Path(ledger).expanduser(), "argument"
@@ -377,7 +377,7 @@ def resolve_settings(
 ) -> Any:
     """The guard settings of a new client, from arguments, environment and file."""
     from ._guard import GuardSettings
-    from ._ledger import Ledger
+    from .ledger import Ledger
 
     file = load_file_config()
     clean_tags = resolve_tags(tags, file)

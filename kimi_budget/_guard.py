@@ -25,11 +25,11 @@ import openai
 
 from ._budget import Budget
 from ._exceptions import ContextLengthExceededError, LedgerError
-from ._ledger import Ledger, Reservation, Settlement
 from ._redact import redact
 from ._retry import RetryPolicy, error_type, log, was_sent
 from ._tokens import TokenEstimate, count_request_tokens
 from ._usage import BodySniffer, SseSniffer, Usage, read_usage, usage_from_body
+from .ledger import Ledger, Reservation, Settlement
 from .pricing import ModelPrice, PriceTable
 
 __all__ = ["ACTIVE_CALL", "Call", "GuardSettings", "Prepared", "is_chat_completion", "prepare"]

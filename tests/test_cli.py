@@ -20,11 +20,11 @@ from click.testing import CliRunner, Result
 
 import kimi_budget as kb
 from kimi_budget._budget import window_bounds
-from kimi_budget._ledger import Reservation, Settlement
 from kimi_budget._money import to_usd
 from kimi_budget._tokens import count_request_tokens
 from kimi_budget.cli import cli
 from kimi_budget.cli._report import build_report
+from kimi_budget.ledger import Reservation, Settlement
 from kimi_budget.pricing import PriceTable
 from kimi_budget.testing import MoonshotStandIn
 from tests.conftest import KEY

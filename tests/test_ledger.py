@@ -12,8 +12,8 @@ import pytest
 import sqlite_utils
 
 import kimi_budget as kb
-from kimi_budget._ledger import Reservation, Settlement
-from kimi_budget._migrations import APPLICATION_ID, MIGRATIONS
+from kimi_budget.ledger import Reservation, Settlement
+from kimi_budget.ledger.migrations._sqlite import APPLICATION_ID, MIGRATIONS
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 import kimi_budget as kb
 from kimi_budget._budget import parse_utc, window_bounds
-from kimi_budget._ledger import Reservation, Settlement
 from kimi_budget._money import (
     call_cost_nanos,
     parse_usd,
@@ -29,6 +28,7 @@ from kimi_budget._money import (
     to_usd,
     usd_to_nanos_floor,
 )
+from kimi_budget.ledger import Reservation, Settlement
 from kimi_budget.pricing import PriceTable
 from tests.fuzz_tally import tried
 

@@ -328,7 +328,7 @@ def test_async_rate_limit_retry(
 def test_settling_is_idempotent(ledger_path: Path) -> None:
     from decimal import Decimal
 
-    from kimi_budget._ledger import Reservation, Settlement
+    from kimi_budget.ledger import Reservation, Settlement
 
     ledger = kb.Ledger(ledger_path)
     budget = kb.Budget(daily="1")
@@ -351,7 +351,7 @@ KILLED_CHILD = textwrap.dedent(
     import os, sys, time
     from datetime import datetime, timedelta, timezone
     import kimi_budget as kb
-    from kimi_budget._ledger import Reservation
+    from kimi_budget.ledger import Reservation
     ledger = kb.Ledger(sys.argv[1])
     now = datetime.now(timezone.utc)
     expires = now + timedelta(seconds=float(sys.argv[2]))
@@ -366,7 +366,7 @@ KILLED_CHILD = textwrap.dedent(
 def test_sigkilled_process_reservation_expires(ledger_path: Path) -> None:
     from decimal import Decimal
 
-    from kimi_budget._ledger import Reservation
+    from kimi_budget.ledger import Reservation
 
     child = subprocess.Popen(
         [sys.executable, "-c", KILLED_CHILD, str(ledger_path), "30"],

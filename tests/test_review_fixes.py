@@ -20,9 +20,9 @@ import kimi_budget as kb
 from kimi_budget import _retry
 from kimi_budget._client import _total_tokens
 from kimi_budget._guard import Prepared
-from kimi_budget._ledger import Reservation, Settlement
 from kimi_budget._money import to_usd
 from kimi_budget._tokens import TokenEstimate
+from kimi_budget.ledger import Reservation, Settlement
 from kimi_budget.pricing import PriceTable
 from kimi_budget.testing import MoonshotStandIn
 from tests.conftest import KEY, MOCK_BASE_URL

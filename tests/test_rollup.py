@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kimi_budget as kb
-from kimi_budget import _migrations
 from kimi_budget._budget import format_utc, parse_utc
-from kimi_budget._ledger import Reservation, Settlement
 from kimi_budget.cli._report import build_report, is_slot, list_calls, slot_of
+from kimi_budget.ledger import Reservation, Settlement
+from kimi_budget.ledger.migrations import _sqlite as _migrations
 
 UTC = timezone.utc
 FULL = os.environ.get("KB_STRESS_SIZE", "").lower() == "full"
@@ -172,7 +172,7 @@ def test_schema_rollup_triggers_and_no_model_index(ledger_path: Path) -> None:
     }
     assert ("index", "calls_model_created_at") not in names
     assert ("index", "calls_created_at") in names
-    assert applied == ["m001_calls", "m002_usage_rollup"]
+    assert applied == [name for name, _ in _migrations.MIGRATIONS]
 
 
 def test_every_write_path_keeps_the_rollup_exact(ledger_path: Path) -> None:
@@ -303,9 +303,11 @@ def test_rows_fixed_or_deleted_by_hand_move_the_rollup_too(ledger_path: Path) ->
 
 
 def make_v1_ledger(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A ledger as kimi-budget wrote it before m002 (only the first migration applied)."""
+    """A ledger as kimi-budget wrote it before m002 (every migration but the rollup applied:
+    the columns of later migrations are written by today's code)."""
+    without_rollup = [m for m in _migrations.MIGRATIONS if m[0] != "m002_usage_rollup"]
     with monkeypatch.context() as m:
-        m.setattr(_migrations, "MIGRATIONS", _migrations.MIGRATIONS[:1])
+        m.setattr(_migrations, "MIGRATIONS", without_rollup)
         with kb.Ledger(path) as ledger:
             names = {r[0] for r in ledger.conn.execute("SELECT name FROM sqlite_master")}
             assert "usage_rollup" not in names and "calls_model_created_at" in names
@@ -337,7 +339,7 @@ def test_an_old_ledger_is_backfilled_in_place(
     make_v1_ledger(ledger_path, monkeypatch)
     with kb.Ledger(ledger_path) as ledger:
         applied = [r[0] for r in ledger.conn.execute("SELECT name FROM _kimi_budget_migrations")]
-        assert applied == ["m001_calls", "m002_usage_rollup"]
+        assert sorted(applied) == sorted(name for name, _ in _migrations.MIGRATIONS)
         rollup = stored_rollup(ledger.conn)
         assert sum(values[0] for values in rollup.values()) == 55
         assert_exact(ledger)

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionMessageParam
 
 import kimi_budget as kb
-from kimi_budget._ledger import Reservation, Settlement
+from kimi_budget.ledger import Reservation, Settlement
 from kimi_budget.testing import Fault, MoonshotStandIn
 
 # As in conftest.py (imported by value, so that plain `pytest` and `python -m pytest` both work):

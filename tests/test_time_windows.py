@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import kimi_budget as kb
 from kimi_budget._budget import format_utc, window_bounds, window_key
-from kimi_budget._ledger import Reservation, Settlement
+from kimi_budget.ledger import Reservation, Settlement
 from kimi_budget.testing import MoonshotStandIn
 from tests.fuzz_tally import tried
 
@@ -101,7 +101,7 @@ def spend(ledger: kb.Ledger, budget: kb.Budget, nanos: int) -> None:
     settle(ledger, reserve(ledger, budget, nanos), nanos)
 
 
-def window(ledger: kb.Ledger, budget: kb.Budget, name: str) -> kb._ledger.WindowStatus:
+def window(ledger: kb.Ledger, budget: kb.Budget, name: str) -> kb.ledger.WindowStatus:
     return next(s for s in ledger.status(budget) if s.window == name)
 
 

@@ -181,7 +181,7 @@ def config() -> FileConfig:
 
 def open_ledger(option: Path | None, file: FileConfig) -> Any:
     """The existing ledger; a missing one is a user error, never silently created."""
-    from .._ledger import Ledger
+    from ..ledger import Ledger
 
     path, source = resolve_ledger_path(option, file)
     if not path.exists():

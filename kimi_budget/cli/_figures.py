@@ -17,7 +17,7 @@ from ._chart import ChartDay
 
 if TYPE_CHECKING:
     from .._budget import Budget
-    from .._ledger import Ledger
+    from ..ledger import Ledger
 
 __all__ = [
     "Cap",
@@ -195,7 +195,7 @@ def gather(
         if step is not None:
             step(1)
     figures = Figures(
-        ledger=str(ledger.path),
+        ledger=ledger.location,
         tz=tz,
         since=since,
         until=until,

@@ -6,7 +6,7 @@ total equals ``Ledger.spend()`` for the same filters to the nano-dollar. How the
 printed is ``_tables``' business.
 
 Reports read the ``usage_rollup`` table (settled calls summed per 15-minute UTC slot, model and
-tags; triggers keep it exact, see ``_migrations``) whenever it answers the question exactly:
+tags; triggers keep it exact, see ``ledger.migrations._sqlite``) whenever it answers exactly:
 filters on model and tags, and ``since``/``until`` on slot boundaries (the command line's dates
 are local midnights, which are). A million-row ledger is then ~50,000 rollup rows. Anything
 else (``--since 08:07``) is answered from the ``calls`` rows, as ``build_report(source="rows")``.
@@ -29,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from .._budget import format_utc, window_bounds
-from .._ledger import _as_utc_text
+from ..ledger._windows import as_utc_text as _as_utc_text
 from ._tables import parse_stored, per_million, usd
 
 if TYPE_CHECKING:
     from .._budget import Budget
-    from .._ledger import Ledger, WindowStatus
     from .._tokens import TokenEstimate
+    from ..ledger import Ledger, WindowStatus
+    from ..ledger._sqlite import SQLiteLedger
     from ..pricing import ModelPrice, PriceTable
 
 __all__ = [
@@ -205,8 +206,19 @@ class _Source:
     params: list[Any]
 
 
+def _sql_ledger(ledger: Ledger) -> SQLiteLedger:
+    """Reports query the SQLite schema directly."""
+    from ..ledger._sqlite import SQLiteLedger
+
+    if not isinstance(ledger, SQLiteLedger):
+        from .._exceptions import LedgerError
+
+        raise LedgerError(f"Reports cannot read {ledger.location} yet: only SQLite ledgers.")
+    return ledger
+
+
 def _rows_source(
-    ledger: Ledger,
+    ledger: SQLiteLedger,
     since: datetime | None,
     until: datetime | None,
     model: str | None,
@@ -217,7 +229,7 @@ def _rows_source(
 
 
 def _rollup_source(
-    ledger: Ledger,
+    ledger: SQLiteLedger,
     since: datetime | None,
     until: datetime | None,
     model: str | None,
@@ -247,7 +259,7 @@ def is_slot(text: str) -> bool:
 def slot_of(text: str) -> str:
     """The rollup slot of a ``format_utc`` text (its 15-minute floor); other text as it is.
 
-    The same rule as the rollup's triggers (``_migrations._slot``).
+    The same rule as the rollup's triggers (``ledger.migrations._sqlite._slot``).
     """
     if _UTC_TEXT.fullmatch(text) is None:
         return text
@@ -273,6 +285,7 @@ def build_report(
     """
     if source not in ("auto", "rollup", "rows"):
         raise ValueError(f"source must be auto, rollup or rows, not {source!r}.")
+    ledger = _sql_ledger(ledger)
     conn = ledger.conn
     zone = ZoneInfo(tz)
     rows_source = _rows_source(ledger, since, until, model, tags)
@@ -414,6 +427,7 @@ def list_calls(
     tags: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The latest calls (pending ones too), newest first, money as exact USD strings."""
+    ledger = _sql_ledger(ledger)
     conn = ledger.conn
     where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
     order = "ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -467,7 +481,7 @@ def _newest_slot(
     until: datetime | None,
     model: str,
     tags: Mapping[str, str] | None,
-    ledger: Ledger,
+    ledger: SQLiteLedger,
 ) -> str | None:
     """A ``created_at`` from which on the ``limit`` newest settled calls matching lie.
 
@@ -508,6 +522,7 @@ def costliest_calls(
     tags: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The ``limit`` settled calls that cost the most, most expensive first (as ``list_calls``)."""
+    ledger = _sql_ledger(ledger)
     where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
     cursor = ledger.conn.execute(
         f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED}{where} "
@@ -529,7 +544,7 @@ def costliest_calls(
 def tag_keys(ledger: Ledger) -> list[str]:
     """Every tag key that settled calls carry (from the rollup: one row per tag set)."""
     keys: set[str] = set()
-    for (text,) in ledger.conn.execute("SELECT DISTINCT tags FROM usage_rollup"):
+    for (text,) in _sql_ledger(ledger).conn.execute("SELECT DISTINCT tags FROM usage_rollup"):
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             keys.update(json.loads(text or "{}").keys())
     return sorted(keys)

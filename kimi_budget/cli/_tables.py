@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from .._money import to_usd
 
 if TYPE_CHECKING:
-    from .._ledger import WindowStatus
+    from ..ledger import WindowStatus
     from ._report import Report
 
 UTC = timezone.utc

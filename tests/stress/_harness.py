@@ -667,7 +667,7 @@ def _judge_crashes(
     budget: Mapping[str, str],
 ) -> list[str]:
     import kimi_budget as kb
-    from kimi_budget._ledger import Reservation
+    from kimi_budget.ledger import Reservation
 
     problems: list[str] = []
     if steady_out.exists():

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # type: ignore[import-not-found]
 
 import kimi_budget as kb
-from kimi_budget._ledger import Ledger
 from kimi_budget._retry import RetryPolicy
+from kimi_budget.ledger import Ledger
+from kimi_budget.ledger._sqlite import SQLiteLedger
 
 # Stand-in errors say "try again after 0 seconds"; 500/503 back off briefly, still jittered.
 FAST_RETRY = RetryPolicy(initial_wait=0.02, max_backoff=0.2, jitter=0.1)
@@ -163,11 +164,11 @@ def run_crash(cfg: dict[str, Any]) -> None:
             while wait:
                 time.sleep(60)  # the parent's SIGKILL ends this
 
-    original_reserve = Ledger.reserve
-    original_settle = Ledger._settle
-    original_add = Ledger._add_totals
+    original_reserve = SQLiteLedger.reserve
+    original_settle = SQLiteLedger._settle
+    original_add = SQLiteLedger._add_totals
 
-    def reserve(self: Ledger, reservation: Any, budgets: Any = ()) -> None:
+    def reserve(self: SQLiteLedger, reservation: Any, budgets: Any = ()) -> None:
         stop_here("before-reserve")
         original_reserve(self, reservation, budgets)
         say(f"RESERVED {reservation.tags[h.CALL_TAG]}")
@@ -175,20 +176,27 @@ def run_crash(cfg: dict[str, Any]) -> None:
         stop_here("in-flight", wait=False)
 
     def add_totals(
-        self: Ledger, conn: Any, scopes: Any, tags: Any, instant: Any, *, spent: int, reserved: int
+        self: SQLiteLedger,
+        conn: Any,
+        scopes: Any,
+        tags: Any,
+        instant: Any,
+        *,
+        spent: int,
+        reserved: int,
     ) -> None:
         original_add(self, conn, scopes, tags, instant, spent=spent, reserved=reserved)
         if reserved > 0 and spent == 0:
             stop_here("in-reserve")  # the row is inserted, the transaction not committed
 
-    def settle(self: Ledger, conn: Any, s: Any) -> bool:
+    def settle(self: SQLiteLedger, conn: Any, s: Any) -> bool:
         done = original_settle(self, conn, s)
         stop_here("in-settle")  # the row is updated, the transaction not committed
         return done
 
-    Ledger.reserve = reserve  # type: ignore[method-assign]
-    Ledger._add_totals = add_totals  # type: ignore[method-assign]
-    Ledger._settle = settle  # type: ignore[method-assign]
+    SQLiteLedger.reserve = reserve  # type: ignore[method-assign]
+    SQLiteLedger._add_totals = add_totals  # type: ignore[method-assign]
+    SQLiteLedger._settle = settle  # type: ignore[method-assign]
 
     client = kb.OpenAI(**_client_kwargs(cfg))
     client._kb.retry = FAST_RETRY

@@ -1,4 +1,4 @@
-"""The ledger's schema, as numbered migrations applied when a ledger is opened.
+"""The SQLite ledger's schema, as numbered migrations applied when a ledger is opened.
 
 Applied migrations are recorded by name in ``_kimi_budget_migrations`` (as ``llm`` does), so
 a newer kimi-budget upgrades an older ledger in place and never re-runs a step.
@@ -216,6 +216,30 @@ def m002_usage_rollup(conn: sqlite3.Connection) -> None:
     conn.execute(_rollup_trigger("usage_rollup_update_old", f"UPDATE OF {_ROLLUP_SOURCES}", "old"))
     conn.execute(_rollup_trigger("usage_rollup_update_new", f"UPDATE OF {_ROLLUP_SOURCES}", "new"))
     conn.execute(_rollup_trigger("usage_rollup_delete", "DELETE", "old"))
+
+
+@migration
+def m003_currency_fees_usage(conn: sqlite3.Connection) -> None:
+    """The currency of each call, its non-token fees, cache writes and raw usage.
+
+    ``cost_nanos`` stays the total charged (fees included) in the row's ``currency``; rows
+    written before this migration were all in USD. ``calls_usd`` now shows the new columns
+    (and ``currency``: despite its historical name, its amounts are in the row's currency).
+    """
+    conn.execute("ALTER TABLE calls ADD COLUMN currency TEXT NOT NULL DEFAULT 'USD'")
+    conn.execute("ALTER TABLE calls ADD COLUMN fee_nanos INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE calls ADD COLUMN cache_write_tokens INTEGER")
+    conn.execute("ALTER TABLE calls ADD COLUMN usage_json TEXT")
+    conn.execute("DROP VIEW IF EXISTS calls_usd")
+    conn.execute(
+        "CREATE VIEW calls_usd AS SELECT "
+        "id, created_at, finished_at, model, tags, status, stream, "
+        "prompt_tokens, cached_tokens, completion_tokens, cache_write_tokens, currency, "
+        "cost_nanos / 1e9 AS cost_usd, fee_nanos / 1e9 AS fee_usd, "
+        "projected_nanos / 1e9 AS projected_usd, "
+        "estimated, attempts, request_id, latency_ms, error, note, usage_json "
+        "FROM calls"
+    )
 
 
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:

@@ -1,4 +1,4 @@
-"""The ledger: one SQLite row per call, and the reservations that keep budgets exact.
+"""The SQLite backend: a ledger in one local file, shared by the processes of one machine.
 
 A call moves through the ledger in two short write transactions:
 
@@ -10,15 +10,9 @@ A call moves through the ledger in two short write transactions:
    cancelled) with the billed cost, move the amount from reserved to spent. Settling is
    idempotent by ``call_id``. Triggers keep the ``usage_rollup`` table that reports read.
 
-A reservation whose process died stays ``pending`` until ``expires_at``; the next write turns
-it into an ``expired`` row charged the estimated input cost (the server may have billed the
-prompt), flagged as estimated. If the real settlement arrives later, it replaces the estimate.
-
-If a settlement cannot be written (disk full, file locked past the busy timeout, read-only
-file system) it goes to ``<ledger>.fallback.jsonl`` and is merged on the next open.
-
-``LedgerBackend`` is the interface a PostgreSQL ledger for teams on several machines would
-implement (reserve, settle, extend, spend).
+File safety: the file is created 0600 in a 0700 directory, and a file that is not one of our
+ledgers (another SQLite database, a symlink to one, a directory) is refused without a byte
+written. Fork safety: a child never uses (or closes) its parent's connection; it opens its own.
 """
 
 from __future__ import annotations
@@ -29,178 +23,49 @@ import os
 import sqlite3
 import stat
 import threading
-import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-from ._budget import (
+from .._budget import (
     WINDOWS,
     Budget,
     canonical_tags,
     format_utc,
+    parse_utc,
     tags_json,
-    window_bounds,
-    window_key,
 )
-from ._exceptions import BudgetExceededError, LedgerError
-from ._migrations import APPLICATION_ID, apply_migrations
-from ._money import to_usd
+from .._exceptions import BudgetExceededError, LedgerError
+from .._money import to_usd
+from . import _windows
+from ._backend import Clock, Ledger, default_ledger_path, expired_settlement, utcnow
+from ._fallback import FallbackFile
+from ._records import Reservation, Settlement, WindowStatus
+from ._windows import Scope, as_utc_text
+from .migrations._sqlite import APPLICATION_ID, apply_migrations
 
-__all__ = [
-    "Ledger",
-    "LedgerBackend",
-    "Reservation",
-    "Settlement",
-    "WindowStatus",
-    "default_ledger_path",
-]
+__all__ = ["SQLiteLedger"]
 
-UTC = timezone.utc
-Clock = Callable[[], datetime]
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 # UPDATE ... RETURNING (SQLite 3.35+) settles a pending call without reading its row first.
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 _UPDATE_CALL = (
     "UPDATE calls SET status = ?, finished_at = ?, prompt_tokens = ?, cached_tokens = ?, "
     "completion_tokens = ?, cost_nanos = ?, estimated = ?, attempts = ?, "
-    "request_id = ?, latency_ms = ?, error = ?, note = ?, expires_at = NULL "
+    "request_id = ?, latency_ms = ?, error = ?, note = ?, fee_nanos = ?, "
+    "cache_write_tokens = ?, usage_json = ?, expires_at = NULL "
     "WHERE call_id = ?"
 )
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def default_ledger_path() -> Path:
-    """``KIMI_BUDGET_LEDGER``, else ``ledger.db`` in the user's data directory."""
-    configured = os.environ.get("KIMI_BUDGET_LEDGER")
-    if configured:
-        return Path(configured).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("kimi-budget", appauthor=False)) / "ledger.db"
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What is known of a call before it is sent."""
-
-    call_id: str
-    model: str
-    tags: Mapping[str, str]
-    created_at: datetime
-    expires_at: datetime
-    projected_nanos: int
-    prompt_estimate: int
-    price_cache_hit: int
-    price_cache_miss: int
-    price_output: int
-    stream: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """How a call ended. It carries its reservation so that a fallback line stands alone."""
-
-    reservation: Reservation
-    status: str
-    prompt_tokens: int | None
-    cached_tokens: int | None
-    completion_tokens: int | None
-    cost_nanos: int
-    estimated: bool
-    attempts: int
-    finished_at: datetime
-    request_id: str | None = None
-    latency_ms: int | None = None
-    error: str | None = None
-    note: str | None = None
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["finished_at"] = format_utc(self.finished_at)
-        res = data["reservation"]
-        res["created_at"] = format_utc(self.reservation.created_at)
-        res["expires_at"] = format_utc(self.reservation.expires_at)
-        res["tags"] = dict(self.reservation.tags)
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, line: str) -> Settlement:
-        from ._budget import parse_utc
-
-        data = json.loads(line)
-        res = data.pop("reservation")
-        res["created_at"] = parse_utc(res["created_at"])
-        res["expires_at"] = parse_utc(res["expires_at"])
-        data["finished_at"] = parse_utc(data["finished_at"])
-        return cls(reservation=Reservation(**res), **data)
-
-
-@dataclass(frozen=True, slots=True)
-class WindowStatus:
-    """One cap of a budget as it stands now."""
-
-    window: str
-    limit_usd: Decimal
-    spent_usd: Decimal
-    reserved_usd: Decimal
-    start: datetime | None
-    resets_at: datetime | None
-    scope: dict[str, str] = field(default_factory=dict)
-    tz: str = "UTC"
-
-    @property
-    def remaining_usd(self) -> Decimal:
-        return max(self.limit_usd - self.spent_usd - self.reserved_usd, Decimal(0))
-
-
-class LedgerBackend(Protocol):
-    """What the client needs from a ledger. SQLite implements it; PostgreSQL can follow."""
-
-    def reserve(self, reservation: Reservation, budgets: Sequence[Budget]) -> None: ...
-
-    def settle(self, settlement: Settlement) -> bool: ...
-
-    def extend(self, call_id: str, expires_at: datetime) -> None: ...
-
-    def spend(
-        self,
-        *,
-        since: datetime | str | None = None,
-        until: datetime | str | None = None,
-        model: str | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> Decimal: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Scope:
-    id: int
-    tags: dict[str, str]
-    tz: Any
-    windows: tuple[str, ...]
-
-    def matches(self, tags: Mapping[str, str]) -> bool:
-        return all(tags.get(key) == value for key, value in self.tags.items())
-
-
-class Ledger:
-    """A kimi-budget ledger in a SQLite file (WAL mode, created 0600, migrated on open).
-
-    >>> ledger = Ledger("spend.db")                                  # doctest: +SKIP
-    >>> ledger.spend(since="2026-11-01", tags={"project": "crawler"}) # doctest: +SKIP
-    Decimal('1.234567')
-    """
+class SQLiteLedger(Ledger):
+    """A ledger in a SQLite file (WAL mode, created 0600, migrated on open)."""
 
     def __init__(
         self,
@@ -211,11 +76,13 @@ class Ledger:
     ) -> None:
         self.path = Path(path).expanduser() if path is not None else default_ledger_path()
         self.busy_timeout = busy_timeout
-        self.clock: Clock = clock or _utcnow
+        self.location = str(self.path)
+        self.clock: Clock = clock or utcnow
         self.fallback_path = self.path.with_name(self.path.name + ".fallback.jsonl")
+        self._fallback = FallbackFile(self.fallback_path, self.location)
         self._lock = threading.RLock()
         self._registered: set[tuple[str, str, tuple[str, ...]]] = set()
-        self._scope_cache: tuple[tuple[Any, ...], list[_Scope]] = ((), [])
+        self._scope_cache: tuple[tuple[Any, ...], list[Scope]] = ((), [])
         self._pid = os.getpid()
         self._writer: int | None = None  # the thread inside a write transaction, if any
         self._deferred: list[Settlement] = []
@@ -349,15 +216,6 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Ledger({str(self.path)!r})"
-
     @contextlib.contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; SQLite errors become ``LedgerError``."""
@@ -390,7 +248,7 @@ class Ledger:
         """
         tags = dict(reservation.tags)
         applicable = [budget for budget in budgets if budget.applies_to(tags)]
-        _check_per_call(reservation, applicable)
+        _windows.check_per_call(reservation, applicable)
         with self._write("reserve budget in") as conn:
             now = self.clock()
             self._expire_stale(conn, now)
@@ -416,35 +274,20 @@ class Ledger:
     def _refusal(
         self,
         conn: sqlite3.Connection,
-        scopes: Sequence[_Scope],
+        scopes: Sequence[Scope],
         budgets: Sequence[Budget],
         reservation: Reservation,
     ) -> BudgetExceededError | None:
         """The first window cap the reservation would exceed, narrowest window first."""
-        instant = reservation.created_at
-        projected = reservation.projected_nanos
         for budget in budgets:
             if not budget.windows:
                 continue  # a per_call-only budget keeps no totals (and has no scope row)
-            scope = next(s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name)
-            totals = self._read_totals(conn, scope, budget.windows, instant)
-            for window in budget.windows:
-                spent, reserved = totals[window]
-                if spent + reserved + projected <= budget.caps_nanos[window]:
-                    continue
-                end = window_bounds(window, instant, budget.tz)[1]
-                return BudgetExceededError(
-                    window=window,
-                    limit_usd=budget.caps[window],
-                    spent_usd=to_usd(spent),
-                    reserved_usd=to_usd(reserved),
-                    projected_usd=to_usd(projected),
-                    model=reservation.model,
-                    scope=budget.scope,
-                    resets_at=None
-                    if window == "total"
-                    else end.astimezone(budget.tz).isoformat(timespec="seconds"),
-                )
+            scope = _windows.scope_for(scopes, budget)
+            assert scope is not None  # registered in this transaction
+            totals = self._read_totals(conn, scope, budget.windows, reservation.created_at)
+            refused = _windows.refusal(budget, reservation, totals)
+            if refused is not None:
+                return refused
         return None
 
     def _insert_pending(
@@ -453,8 +296,8 @@ class Ledger:
         conn.execute(
             "INSERT INTO calls (call_id, created_at, model, tags, status, stream, "
             "prompt_tokens, projected_nanos, prompt_estimate, price_cache_hit, "
-            "price_cache_miss, price_output, estimated, expires_at) "
-            "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            "price_cache_miss, price_output, estimated, expires_at, currency) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
             (
                 reservation.call_id,
                 format_utc(reservation.created_at),
@@ -468,6 +311,7 @@ class Ledger:
                 reservation.price_cache_miss,
                 reservation.price_output,
                 format_utc(reservation.expires_at),
+                reservation.currency,
             ),
         )
 
@@ -514,6 +358,9 @@ class Ledger:
             s.latency_ms,
             s.error,
             s.note,
+            s.fee_nanos,
+            s.cache_write_tokens,
+            s.usage_json,
         )
         if _HAS_RETURNING:
             # The usual case, a pending reservation settling, in one statement instead of two.
@@ -536,8 +383,9 @@ class Ledger:
                 "INSERT INTO calls (call_id, created_at, model, tags, stream, projected_nanos, "
                 "prompt_estimate, price_cache_hit, price_cache_miss, price_output, status, "
                 "finished_at, prompt_tokens, cached_tokens, completion_tokens, cost_nanos, "
-                "estimated, attempts, request_id, latency_ms, error, note) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "estimated, attempts, request_id, latency_ms, error, note, fee_nanos, "
+                "cache_write_tokens, usage_json, currency) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     res.call_id,
                     format_utc(res.created_at),
@@ -550,6 +398,7 @@ class Ledger:
                     res.price_cache_miss,
                     res.price_output,
                     *values,
+                    res.currency,
                 ),
             )
             self._add_totals(conn, scopes, tags, res.created_at, spent=s.cost_nanos, reserved=0)
@@ -576,47 +425,23 @@ class Ledger:
     def _expire_stale(self, conn: sqlite3.Connection, now: datetime) -> int:
         stale = conn.execute(
             "SELECT call_id, created_at, model, tags, stream, projected_nanos, prompt_estimate, "
-            "price_cache_hit, price_cache_miss, price_output, expires_at, attempts FROM calls "
+            "price_cache_hit, price_cache_miss, price_output, expires_at, attempts, currency "
+            "FROM calls "
             "WHERE status = 'pending' AND expires_at < ?",
             (format_utc(now),),
         ).fetchall()
         for row in stale:
             res = _reservation_from_row(row)
-            self._settle(
-                conn,
-                Settlement(
-                    reservation=res,
-                    status="expired",
-                    prompt_tokens=res.prompt_estimate,
-                    cached_tokens=0,
-                    completion_tokens=None,
-                    # The server may have billed the prompt; the output is unknowable.
-                    cost_nanos=res.prompt_estimate * res.price_cache_miss,
-                    estimated=True,
-                    attempts=row[11],
-                    finished_at=now,
-                    note="reservation expired: the process holding it did not settle it",
-                ),
-            )
+            self._settle(conn, expired_settlement(res, row[11], now))
         return len(stale)
 
     # -- window totals -----------------------------------------------------------------
 
-    def _scopes(self, conn: sqlite3.Connection) -> list[_Scope]:
+    def _scopes(self, conn: sqlite3.Connection) -> list[Scope]:
         rows = tuple(conn.execute("SELECT id, scope, tz, windows FROM budget_scopes").fetchall())
         cached_rows, scopes = self._scope_cache
         if rows != cached_rows:
-            from zoneinfo import ZoneInfo
-
-            scopes = [
-                _Scope(
-                    id=r[0],
-                    tags=json.loads(r[1]),
-                    tz=ZoneInfo(r[2]),
-                    windows=tuple(json.loads(r[3])),
-                )
-                for r in rows
-            ]
+            scopes = [Scope.from_row(*r) for r in rows]
             self._scope_cache = (rows, scopes)
         return scopes
 
@@ -651,11 +476,11 @@ class Ledger:
         self, conn: sqlite3.Connection, scope_id: int, budget: Budget, window: str, now: datetime
     ) -> None:
         """Total the current window from the rows once; writes keep it current from then on."""
-        start, end = window_bounds(window, now, budget.tz)
         where, params = _tag_filter(budget.scope)
-        if window != "total":
+        bounds = _windows.backfill_range(window, now, budget)
+        if bounds is not None:
             where += " AND created_at >= ? AND created_at < ?"
-            params += [format_utc(start), format_utc(end)]
+            params += bounds
         spent, reserved = conn.execute(
             "SELECT coalesce(sum(CASE WHEN status != 'pending' THEN cost_nanos END), 0), "
             "coalesce(sum(CASE WHEN status = 'pending' THEN projected_nanos END), 0) "
@@ -665,14 +490,14 @@ class Ledger:
         conn.execute(
             "INSERT OR REPLACE INTO window_totals (scope_id, window, start, spent_nanos, "
             "reserved_nanos) VALUES (?, ?, ?, ?, ?)",
-            (scope_id, window, "" if window == "total" else format_utc(start), spent, reserved),
+            (scope_id, window, "" if bounds is None else bounds[0], spent, reserved),
         )
 
     def _read_totals(
-        self, conn: sqlite3.Connection, scope: _Scope, windows: Sequence[str], instant: datetime
+        self, conn: sqlite3.Connection, scope: Scope, windows: Sequence[str], instant: datetime
     ) -> dict[str, tuple[int, int]]:
         """``(spent, reserved)`` of each window holding ``instant``, in one indexed query."""
-        keys = [(window, window_key(window, instant, scope.tz)) for window in windows]
+        keys = scope.keys(windows, instant)
         params: list[Any] = [scope.id]
         for key in keys:
             params += key
@@ -688,35 +513,17 @@ class Ledger:
         found = {(row[0], row[1]): (row[2], row[3]) for row in rows}
         return {window: found.get((window, key), (0, 0)) for window, key in keys}
 
-    def _read_total(
-        self, conn: sqlite3.Connection, scope: _Scope, window: str, instant: datetime
-    ) -> tuple[int, int]:
-        key = window_key(window, instant, scope.tz)
-        row = conn.execute(
-            "SELECT spent_nanos, reserved_nanos FROM window_totals "
-            "WHERE scope_id = ? AND window = ? AND start = ?",
-            (scope.id, window, key),
-        ).fetchone()
-        return (row[0], row[1]) if row else (0, 0)
-
     def _add_totals(
         self,
         conn: sqlite3.Connection,
-        scopes: Sequence[_Scope],
+        scopes: Sequence[Scope],
         tags: Mapping[str, str],
         instant: datetime,
         *,
         spent: int,
         reserved: int,
     ) -> None:
-        if not spent and not reserved:
-            return
-        rows = [
-            (scope.id, window, window_key(window, instant, scope.tz), spent, reserved)
-            for scope in scopes
-            if scope.matches(tags)
-            for window in scope.windows
-        ]
+        rows = _windows.total_rows(scopes, tags, instant, spent=spent, reserved=reserved)
         if rows:
             conn.executemany(
                 "INSERT INTO window_totals (scope_id, window, start, spent_nanos, "
@@ -729,66 +536,14 @@ class Ledger:
     # -- fallback --------------------------------------------------------------------------
 
     def write_fallback(self, settlement: Settlement, reason: BaseException) -> None:
-        """Keep a settlement the ledger could not take; it is merged on the next open."""
-        line = settlement.to_json() + "\n"
-        try:
-            # O_NOFOLLOW: a symlink planted at the fallback path must not make us append to
-            # whatever file it points at.
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(self.fallback_path, flags, 0o600)
-            try:
-                os.write(fd, line.encode("utf-8"))
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            # The call was billed and the caller must still get its answer: say what was lost.
-            warnings.warn(
-                f"kimi-budget could not record call {settlement.reservation.call_id} in "
-                f"{self.path} ({reason}) nor in {self.fallback_path} ({exc.strerror or exc}); "
-                f"record it by hand: {line.strip()}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return
-        warnings.warn(
-            f"kimi-budget could not record call {settlement.reservation.call_id} in "
-            f"{self.path} ({reason}); its usage was saved to {self.fallback_path} and will be "
-            f"merged the next time the ledger opens.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        self._fallback.append(settlement, reason)
 
     def _merge_fallback(self) -> int:
-        if not self.fallback_path.exists():
-            return 0
-        # Rename first, so that lines appended while merging go to a new file.
-        merging = self.fallback_path.with_name(
-            f"{self.fallback_path.name}.merging-{os.getpid()}-{threading.get_ident()}"
-        )
-        try:
-            os.replace(self.fallback_path, merging)
-        except FileNotFoundError:
-            return 0
-        merged = 0
-        try:
-            lines = merging.read_text("utf-8").splitlines()
-            with self._write("merge the fallback file into") as conn:
-                for line in lines:
-                    if not line.strip():
-                        continue
-                    try:
-                        settlement = Settlement.from_json(line)
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a line torn by a crash mid-write; the rest still count
-                    merged += int(self._settle(conn, settlement))
-        except LedgerError:
-            # Put the lines back for the next open rather than lose them.
-            with open(self.fallback_path, "a", encoding="utf-8") as out:
-                out.write(merging.read_text("utf-8"))
-            merging.unlink()
-            raise
-        merging.unlink()
-        return merged
+        return self._fallback.merge(self._settle_all)
+
+    def _settle_all(self, settlements: Sequence[Settlement]) -> int:
+        with self._write("merge the fallback file into") as conn:
+            return sum(int(self._settle(conn, settlement)) for settlement in settlements)
 
     # -- reading -----------------------------------------------------------------------
 
@@ -827,10 +582,10 @@ class Ledger:
         where, params = _tag_filter(canonical_tags(tags or {}))
         if since is not None:
             where += f" AND {column}created_at >= ?"
-            params.append(_as_utc_text(since))
+            params.append(as_utc_text(since))
         if until is not None:
             where += f" AND {column}created_at < ?"
-            params.append(_as_utc_text(until))
+            params.append(as_utc_text(until))
         if model is not None:
             where += f" AND {column}model = ?"
             params.append(model)
@@ -839,46 +594,15 @@ class Ledger:
     def status(self, budget: Budget) -> list[WindowStatus]:
         """Each cap of ``budget`` now: spent, reserved, and when its window resets."""
         now = self.clock()
-        result: list[WindowStatus] = []
+        totals: dict[str, tuple[int, int]] = {}
         with self._write("read budget totals from") as conn:
             self._expire_stale(conn, now)
             if budget.windows:
                 self._register(conn, budget, now)
-            scopes = self._scopes(conn)
-            scope = next(
-                (s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name), None
-            )
-            for name, cap in budget.caps.items():
-                if name == "per_call":
-                    result.append(
-                        WindowStatus(
-                            name,
-                            cap,
-                            Decimal(0),
-                            Decimal(0),
-                            None,
-                            None,
-                            budget.scope,
-                            budget.tz_name,
-                        )
-                    )
-                    continue
-                assert scope is not None
-                spent, reserved = self._read_total(conn, scope, name, now)
-                start, end = window_bounds(name, now, budget.tz)
-                result.append(
-                    WindowStatus(
-                        name,
-                        cap,
-                        to_usd(spent),
-                        to_usd(reserved),
-                        None if name == "total" else start,
-                        None if name == "total" else end,
-                        budget.scope,
-                        budget.tz_name,
-                    )
-                )
-        return result
+                scope = _windows.scope_for(self._scopes(conn), budget)
+                assert scope is not None  # registered just now
+                totals = self._read_totals(conn, scope, budget.windows, now)
+        return _windows.window_status(budget, now, totals)
 
     def pending(self) -> list[dict[str, Any]]:
         """Reservations in flight (calls sent and not yet settled)."""
@@ -902,23 +626,7 @@ class Ledger:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _check_per_call(reservation: Reservation, budgets: Sequence[Budget]) -> None:
-    """Refuse a call whose projection alone exceeds a per-call cap (no ledger needed)."""
-    for budget in budgets:
-        cap = budget.caps_nanos.get("per_call")
-        if cap is not None and reservation.projected_nanos > cap:
-            raise BudgetExceededError(
-                window="per_call",
-                limit_usd=budget.caps["per_call"],
-                spent_usd=Decimal(0),
-                reserved_usd=Decimal(0),
-                projected_usd=to_usd(reservation.projected_nanos),
-                model=reservation.model,
-                scope=budget.scope,
-            )
-
-
-_OPEN_LEDGERS: weakref.WeakSet[Ledger] = weakref.WeakSet()
+_OPEN_LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
 
 
 def _reset_after_fork() -> None:
@@ -988,24 +696,7 @@ def _tag_filter(tags: Mapping[str, str]) -> tuple[str, list[Any]]:
     return where, params
 
 
-def _as_utc_text(value: datetime | str) -> str:
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(
-                f"{value!r} is not a date or time; use ISO 8601 such as 2026-11-01 or "
-                f"2026-11-01T08:00:00+08:00."
-            ) from None
-        value = parsed
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return format_utc(value)
-
-
 def _reservation_from_row(row: Sequence[Any]) -> Reservation:
-    from ._budget import parse_utc
-
     return Reservation(
         call_id=row[0],
         created_at=parse_utc(row[1]),
@@ -1018,4 +709,5 @@ def _reservation_from_row(row: Sequence[Any]) -> Reservation:
         price_cache_miss=row[8],
         price_output=row[9],
         expires_at=parse_utc(row[10]),
+        currency=row[12],
     )

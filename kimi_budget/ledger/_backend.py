@@ -1,0 +1,167 @@
+"""The interface every ledger backend implements, and the policy they all follow.
+
+``Ledger`` is both the public type and the abstract base of the backends:
+``Ledger("spend.db")`` is a :class:`~kimi_budget.ledger._sqlite.SQLiteLedger` and
+``Ledger("postgresql://...")`` a PostgreSQL one (``kimi_budget.ledger.backend_class`` picks).
+
+What a backend must guarantee (the tests in ``tests/test_ledger.py`` run against each one):
+
+- ``reserve`` checks every cap of every applicable budget and records the reservation in ONE
+  transaction that no other writer (thread, process, host) can interleave with: N workers never
+  overshoot a cap together. The check reads per-window totals (``_windows``), never the rows.
+  A refused reservation records nothing, but expiries done on the way are kept.
+- ``settle`` is idempotent by ``call_id``: a second settlement of a settled call changes nothing
+  and returns False, except that a real outcome replaces an ``expired`` estimate exactly.
+  A settlement whose reservation never reached this ledger (a fallback line) inserts the row.
+- A pending reservation past ``expires_at`` is settled by the next writer as
+  :func:`expired_settlement` says (the rule on unknown bills lives there, not in a backend).
+- Amounts are integer nano-units of the row's currency; nothing adds one currency to another.
+- Totals: every write moves the ``(spent, reserved)`` of the window totals
+  ``_windows.total_rows`` names, in the same transaction as the row.
+- A settlement that cannot be written goes to the fallback file (``_fallback``) and is merged
+  by a later writer. Secrets (a URL's password) never appear in errors, logs or ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._records import Reservation, Settlement, WindowStatus
+
+if TYPE_CHECKING:
+    from .._budget import Budget
+
+__all__ = ["Clock", "Ledger", "default_ledger_path", "expired_settlement"]
+
+UTC = timezone.utc
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_ledger_path() -> Path:
+    """``KIMI_BUDGET_LEDGER``, else ``ledger.db`` in the user's data directory."""
+    configured = os.environ.get("KIMI_BUDGET_LEDGER")
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("kimi-budget", appauthor=False)) / "ledger.db"
+
+
+def expired_settlement(reservation: Reservation, attempts: int, now: datetime) -> Settlement:
+    """How a reservation that outlived its expiry is settled, by every backend."""
+    return Settlement(
+        reservation=reservation,
+        status="expired",
+        prompt_tokens=reservation.prompt_estimate,
+        cached_tokens=0,
+        completion_tokens=None,
+        # The server may have billed the prompt; the output is unknowable.
+        cost_nanos=reservation.prompt_estimate * reservation.price_cache_miss,
+        estimated=True,
+        attempts=attempts,
+        finished_at=now,
+        note="reservation expired: the process holding it did not settle it",
+    )
+
+
+class Ledger:
+    """A kimi-budget ledger: one row per call, and the reservations that keep budgets exact.
+
+    >>> ledger = Ledger("spend.db")                                  # doctest: +SKIP
+    >>> ledger.spend(since="2026-11-01", tags={"project": "crawler"}) # doctest: +SKIP
+    Decimal('1.234567')
+
+    ``Ledger(target)`` opens the backend ``target`` names: a ``postgresql://`` or
+    ``postgres://`` URL, else a SQLite file path (``None``: :func:`default_ledger_path`).
+    Constructor keywords every backend takes: ``busy_timeout`` (seconds a write waits for a
+    lock), ``clock`` (a callable returning an aware UTC datetime; tests use it).
+    """
+
+    #: Shown in messages and reports; never contains a password.
+    location: str
+    #: Where settlements the ledger could not take are kept until merged.
+    fallback_path: Path
+    clock: Clock
+    busy_timeout: float
+
+    def __new__(cls, target: Any = None, *args: Any, **kwargs: Any) -> Ledger:
+        if cls is Ledger:
+            from . import backend_class
+
+            cls = backend_class(target)
+        return object.__new__(cls)
+
+    # -- the call lifecycle ------------------------------------------------------------------
+
+    def reserve(self, reservation: Reservation, budgets: Sequence[Budget] = ()) -> None:
+        """Check every applicable cap and reserve the projected cost, atomically.
+
+        Raises ``BudgetExceededError`` (and reserves nothing) if any cap would be exceeded,
+        ``LedgerError`` if the ledger cannot be written (nothing may be sent then).
+        """
+        raise NotImplementedError
+
+    def settle(self, settlement: Settlement) -> bool:
+        """Record how a call ended. Returns False if it was already settled (idempotent)."""
+        raise NotImplementedError
+
+    def extend(self, call_id: str, expires_at: datetime) -> None:
+        """Push a live reservation's expiry out (a call still retrying or streaming)."""
+        raise NotImplementedError
+
+    def expire_stale(self) -> int:
+        """Settle reservations past their expiry (:func:`expired_settlement`); how many."""
+        raise NotImplementedError
+
+    def write_fallback(self, settlement: Settlement, reason: BaseException) -> None:
+        """Keep a settlement this ledger could not take, to be merged by a later writer."""
+        raise NotImplementedError
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def spend(
+        self,
+        *,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        model: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Decimal:
+        """Settled spend (``[since, until)``, by model and tags), exact."""
+        raise NotImplementedError
+
+    def status(self, budget: Budget) -> list[WindowStatus]:
+        """Each cap of ``budget`` now: spent, reserved, and when its window resets."""
+        raise NotImplementedError
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Reservations in flight, oldest first: call_id, created_at, model, tags,
+        projected_nanos, expires_at, attempts."""
+        raise NotImplementedError
+
+    def calls(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest calls, newest first, as dicts of the ``calls`` columns."""
+        raise NotImplementedError
+
+    # -- life ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release connections. Safe to call twice."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.location!r})"

@@ -1,0 +1,107 @@
+"""What the ledger stores: a call's reservation, its settlement, and a cap's status.
+
+These are the only types that cross between the client and a ledger backend; a settlement
+carries its reservation so that a line of the fallback file stands alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from .._budget import format_utc, parse_utc
+
+__all__ = ["CURRENCIES", "STATUSES", "Reservation", "Settlement", "WindowStatus"]
+
+CURRENCIES = ("USD", "CNY")
+# "pending" is a reservation in flight; every other status is a settled call.
+STATUSES = ("pending", "ok", "error", "abandoned", "interrupted", "cancelled", "expired")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What is known of a call before it is sent.
+
+    Prices are nano-units (1e-9 of ``currency``) per token, as the call will be charged.
+    ``projected_nanos`` is the worst case: what the call costs if it is billed in full.
+    """
+
+    call_id: str
+    model: str
+    tags: Mapping[str, str]
+    created_at: datetime
+    expires_at: datetime
+    projected_nanos: int
+    prompt_estimate: int
+    price_cache_hit: int
+    price_cache_miss: int
+    price_output: int
+    stream: bool = False
+    currency: str = "USD"
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a call ended.
+
+    ``cost_nanos`` is always the total charged, fees included; ``fee_nanos`` is the part of it
+    that is not tokens (``$web_search`` calls, ...), shown apart in reports. When ``estimated``
+    is true the bill was not read and ``note`` says why.
+    """
+
+    reservation: Reservation
+    status: str
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    completion_tokens: int | None
+    cost_nanos: int
+    estimated: bool
+    attempts: int
+    finished_at: datetime
+    request_id: str | None = None
+    latency_ms: int | None = None
+    error: str | None = None
+    note: str | None = None
+    fee_nanos: int = 0
+    cache_write_tokens: int | None = None
+    usage_json: str | None = None  # the raw usage object as received, secrets redacted
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["finished_at"] = format_utc(self.finished_at)
+        res = data["reservation"]
+        res["created_at"] = format_utc(self.reservation.created_at)
+        res["expires_at"] = format_utc(self.reservation.expires_at)
+        res["tags"] = dict(self.reservation.tags)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> Settlement:
+        """The settlement of one fallback line (lines of older versions lack the new fields)."""
+        data = json.loads(line)
+        res = data.pop("reservation")
+        res["created_at"] = parse_utc(res["created_at"])
+        res["expires_at"] = parse_utc(res["expires_at"])
+        data["finished_at"] = parse_utc(data["finished_at"])
+        return cls(reservation=Reservation(**res), **data)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStatus:
+    """One cap of a budget as it stands now (amounts in the budget's currency)."""
+
+    window: str
+    limit_usd: Decimal
+    spent_usd: Decimal
+    reserved_usd: Decimal
+    start: datetime | None
+    resets_at: datetime | None
+    scope: dict[str, str] = field(default_factory=dict)
+    tz: str = "UTC"
+
+    @property
+    def remaining_usd(self) -> Decimal:
+        return max(self.limit_usd - self.spent_usd - self.reserved_usd, Decimal(0))
