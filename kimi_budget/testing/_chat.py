@@ -7,7 +7,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Final
 
 from ._core import StandInCore
 from ._faults import _DEFAULT_MESSAGES, _RATE_LIMIT_MESSAGE, OMIT, Fault
@@ -32,10 +32,11 @@ from ._wire import (
     _peer_closed,
 )
 
+WEB_SEARCH: Final = "$web_search"
+
 
 class ChatEndpoint(StandInCore):
     """``POST /v1/chat/completions``."""
-
 
     def _validate(self, body: Any, bad_json: bool) -> tuple[str, ModelInfo, list[Any]]:
         if bad_json or not isinstance(body, dict):
@@ -46,7 +47,7 @@ class ChatEndpoint(StandInCore):
         if not isinstance(model, str) or not model:
             raise _HTTPError(400, "invalid_request_error", "Invalid request: model is required")
         info = self.models.get(model)
-        if info is None:
+        if info is None or model in self.retired:
             raise self._not_found(model)
         messages = body.get("messages")
         if (
@@ -137,13 +138,118 @@ class ChatEndpoint(StandInCore):
                 f"Invalid request: Your request exceeded model token limit: {info.context_window}",
             )
         cached = self._cached_tokens(body, messages, prompt, fault)
+        if body.get("prompt_cache_options") and model.startswith("kimi-k3"):
+            rec.cache_write_tokens = prompt - cached  # the uncached prefix is written
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        tool = self._tool_to_call(body, messages)
+        if tool is not None:
+            self._call_tool(h, rec, model, tool, n, prompt, cached, include_usage, fault)
+            return
         reply = self._reply_for(body)
         if body.get("stream"):
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
             self._stream(h, rec, model, reply, n, limit, prompt, cached, include_usage, fault)
         else:
             self._complete(h, rec, model, reply, n, limit, prompt, cached, fault)
+
+    def _tool_to_call(self, body: dict[str, Any], messages: list[Any]) -> str | None:
+        """With ``call_tools``: the tool a reply calls (``$web_search`` first, else the first
+        declared function), unless the conversation ends with a tool's result."""
+        tools = body.get("tools")
+        if not self.call_tools or not isinstance(tools, list) or not tools:
+            return None
+        if messages[-1].get("role") == "tool":
+            return None
+        names = [
+            t["function"]["name"]
+            for t in tools
+            if isinstance(t, dict)
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str)
+        ]
+        if not names:
+            return None
+        return WEB_SEARCH if WEB_SEARCH in names else names[0]
+
+    def _call_tool(
+        self,
+        h: _Handler,
+        rec: RecordedRequest,
+        model: str,
+        tool: str,
+        n: int,
+        prompt: int,
+        cached: int,
+        include_usage: bool,
+        fault: Fault | None,
+    ) -> None:
+        """A reply that ends with ``finish_reason == "tool_calls"``: each choice calls ``tool``
+        once (Moonshot bills a ``$web_search`` fee per such call)."""
+        arguments = json.dumps({"query": "kimi-budget stand-in"}) if tool == WEB_SEARCH else "{}"
+        completion = sum(tokens for _, tokens in _split_text(arguments)) * n
+        billed, reported = self._usage(
+            prompt, completion, cached, stream=bool(rec.stream), written=rec.cache_write_tokens
+        )
+        usage: Any = reported
+        if fault is not None and fault.kind == "usage_override":
+            usage = fault.usage
+        elif fault is not None and fault.kind == "no_usage":
+            usage = OMIT
+        rec.usage = billed
+        kind = "builtin_function" if tool.startswith("$") else "function"
+        calls = [
+            {
+                "index": 0,
+                "id": f"{tool.lstrip('$')}:{self._next_id()}",
+                "type": kind,
+                "function": {"name": tool, "arguments": arguments},
+            }
+            for _ in range(n)
+        ]
+        chat_id = f"chatcmpl-{self._next_id()}"
+        if not rec.stream:
+            resp: dict[str, Any] = {
+                "id": chat_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": "", "tool_calls": [calls[i]]},
+                        "finish_reason": "tool_calls",
+                    }
+                    for i in range(n)
+                ],
+            }
+            if usage is not OMIT:
+                resp["usage"] = usage
+                rec.reported_usage = usage
+                with self._lock:
+                    self.billed.append(billed)
+            self._send(h, rec, 200, _dumps(resp))
+            return
+        base = {"id": chat_id, "object": "chat.completion.chunk", "created": int(time.time())}
+        base["model"] = model
+        events: list[dict[str, Any]] = [
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        ]
+        for i in range(n):
+            delta = {"tool_calls": [calls[i]]}
+            events.append({**base, "choices": [{"index": i, "delta": delta}]})
+        for i in range(n):
+            final: dict[str, Any] = {"index": i, "delta": {}, "finish_reason": "tool_calls"}
+            if i == n - 1 and usage is not OMIT:
+                final["usage"] = usage
+            events.append({**base, "choices": [final]})
+        if include_usage and usage is not OMIT:
+            events.append({**base, "choices": [], "usage": usage})
+        data = b"".join(b"data: " + _dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+        if usage is not OMIT:
+            rec.reported_usage = usage
+            with self._lock:
+                self.billed.append(billed)
+        self._send(h, rec, 200, data, "text/event-stream")
 
     def _reply_for(self, body: dict[str, Any]) -> _Reply:
         text = self.reply(body) if callable(self.reply) else self.reply
@@ -206,15 +312,22 @@ class ChatEndpoint(StandInCore):
         return min(prompt, hit_tokens // CACHE_BLOCK_TOKENS * CACHE_BLOCK_TOKENS)
 
     def _usage(
-        self, prompt: int, completion: int, cached: int, *, stream: bool
+        self, prompt: int, completion: int, cached: int, *, stream: bool, written: int = 0
     ) -> tuple[dict[str, int], dict[str, Any]]:
-        """(what Moonshot bills, what the response reports) in the configured style."""
+        """(what Moonshot bills, what the response reports) in the configured style.
+
+        ``written``: prompt tokens written to the cache (a K3 request with
+        ``prompt_cache_options``), reported where ``cache_write_field`` says (None: not at all,
+        as when the field is unknown).
+        """
         billed = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "cached_tokens": cached,
         }
+        if written:
+            billed["cache_write_tokens"] = written
         reported: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -225,6 +338,10 @@ class ChatEndpoint(StandInCore):
             reported["cached_tokens"] = cached
         if self.usage_style in ("openai", "both"):
             reported["prompt_tokens_details"] = {"cached_tokens": cached}
+        if written and self.cache_write_field is not None:
+            where, _, name = self.cache_write_field.rpartition(".")
+            target = reported.setdefault(where, {"cached_tokens": cached}) if where else reported
+            target[name] = written
         return billed, reported
 
     def _complete(
@@ -243,7 +360,9 @@ class ChatEndpoint(StandInCore):
         pieces = reply.pieces[:cut]
         finish = "length" if cut < len(reply.pieces) else "stop"
         completion = (reply.cumulative[cut - 1] if cut else 0) * n
-        billed, reported = self._usage(prompt, completion, cached, stream=False)
+        billed, reported = self._usage(
+            prompt, completion, cached, stream=False, written=rec.cache_write_tokens
+        )
         rec.usage = billed
         if h.waited and _peer_closed(h.connection):
             raise _ClientGone  # a client that timed out must not show up in billed
@@ -362,11 +481,15 @@ class ChatEndpoint(StandInCore):
             if kind == "drop":
                 if buf:
                     self._write(h, _frame(buf, framed))
-                rec.usage, _ = self._usage(prompt, generated, cached, stream=True)
+                rec.usage, _ = self._usage(
+                    prompt, generated, cached, stream=True, written=rec.cache_write_tokens
+                )
                 rec.dropped = True
                 h.close_connection = True  # FIN without the chunk terminator: a torn body
                 return
-            billed, reported = self._usage(prompt, generated, cached, stream=True)
+            billed, reported = self._usage(
+                prompt, generated, cached, stream=True, written=rec.cache_write_tokens
+            )
             rec.usage = billed
             usage: Any = reported
             if kind == "no_usage":
@@ -401,7 +524,9 @@ class ChatEndpoint(StandInCore):
         except _ClientGone:
             # The caller hung up mid-stream; Moonshot bills what it generated until then.
             if rec.usage is None:
-                rec.usage, _ = self._usage(prompt, generated, cached, stream=True)
+                rec.usage, _ = self._usage(
+                    prompt, generated, cached, stream=True, written=rec.cache_write_tokens
+                )
             raise
 
     def _stream_pieces(self, reply: _Reply, limit: int) -> Iterator[_Piece]:

@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._faults import Fault
@@ -65,6 +65,9 @@ class StandInCore:
         prefix_cache: bool = True,
         on_request: Callable[[RecordedRequest], None] | None = None,
         max_recorded: int | None = None,
+        call_tools: bool = False,
+        cache_write_field: str | None = "prompt_tokens_details.cache_write_tokens",
+        retired: Sequence[str] = (),
     ) -> None:
         """
         Args:
@@ -94,6 +97,12 @@ class StandInCore:
                 handler thread; it may block (e.g. while a test locks the ledger).
             max_recorded: keep only about this many of the latest ``requests`` and ``billed``
                 entries (long stress runs); None keeps everything.
+            call_tools: a request that declares tools (and does not end with a tool's result)
+                gets a reply calling one: ``$web_search`` if declared, else the first function;
+                ``finish_reason`` is ``"tool_calls"``.
+            cache_write_field: where the usage reports prompt tokens written to the cache by a
+                K3 request with ``prompt_cache_options`` (dotted path); None: not reported.
+            retired: models that answer 404 ``resource_not_found_error``, as retired ones do.
         """
         if usage_style not in _USAGE_STYLES:
             raise ValueError(f"usage_style must be one of {_USAGE_STYLES}, not {usage_style!r}")
@@ -125,6 +134,9 @@ class StandInCore:
         self.prefix_cache = prefix_cache
         self.on_request = on_request
         self.max_recorded = max_recorded
+        self.call_tools = call_tools
+        self.cache_write_field = cache_write_field
+        self.retired: set[str] = set(retired)
 
         self.requests: list[RecordedRequest] = []
         self.billed: list[dict[str, int]] = []

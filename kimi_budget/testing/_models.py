@@ -15,9 +15,9 @@ class ModelInfo:
     default_max_tokens: int = 1024
 
 
-# Windows from moonshot-api.md (the pricing document). The documented larger default outputs of
-# kimi-k2.6 and kimi-k3 matter for the context check of requests that omit max_tokens. Windows
-# of the unpriced newer models are not documented anywhere: 256 K for k2.x, 1 M for k3.x.
+# Windows and default outputs as in kimi_budget/pricing/usd.toml (moonshot-models-2026.md). The
+# 2025 models are retired on the real service; here they still answer unless passed in
+# ``retired=``, so that tests written against them keep working.
 KNOWN_MODELS: Final[Mapping[str, ModelInfo]] = {
     "kimi-k2.5": ModelInfo(262_144),
     "kimi-k2-0905-preview": ModelInfo(262_144),
@@ -27,8 +27,10 @@ KNOWN_MODELS: Final[Mapping[str, ModelInfo]] = {
     "kimi-k2-thinking-turbo": ModelInfo(262_144),
     "kimi-k2.6": ModelInfo(262_144, 32_768),
     "kimi-k2.7-code": ModelInfo(262_144, 32_768),
+    "kimi-k2.7-code-highspeed": ModelInfo(262_144, 32_768),
     "kimi-k3": ModelInfo(1_048_576, 131_072),
     "kimi-k3.1-pro": ModelInfo(1_048_576, 131_072),
+    "kimi-k3.1-pro-highspeed": ModelInfo(1_048_576, 131_072),
     "moonshot-v1-8k": ModelInfo(8_192),
     "moonshot-v1-32k": ModelInfo(32_768),
     "moonshot-v1-128k": ModelInfo(131_072),

@@ -62,6 +62,8 @@ class RecordedRequest:
     """The connection ended before the response was complete (fault or client gone)."""
     client_port: int = 0
     """The client's TCP port: requests sharing it came over one keep-alive connection."""
+    cache_write_tokens: int = 0
+    """Prompt tokens written to the cache (a K3 request with ``prompt_cache_options``)."""
 
     @property
     def model(self) -> str | None:
