@@ -68,6 +68,7 @@ class StandInCore:
         call_tools: bool = False,
         cache_write_field: str | None = "prompt_tokens_details.cache_write_tokens",
         retired: Sequence[str] = (),
+        auto_complete_batches: bool = True,
     ) -> None:
         """
         Args:
@@ -103,6 +104,8 @@ class StandInCore:
             cache_write_field: where the usage reports prompt tokens written to the cache by a
                 K3 request with ``prompt_cache_options`` (dotted path); None: not reported.
             retired: models that answer 404 ``resource_not_found_error``, as retired ones do.
+            auto_complete_batches: a batch runs on its first retrieve after creation
+                (otherwise only when ``complete_batch(id)`` is called).
         """
         if usage_style not in _USAGE_STYLES:
             raise ValueError(f"usage_style must be one of {_USAGE_STYLES}, not {usage_style!r}")
@@ -137,6 +140,11 @@ class StandInCore:
         self.call_tools = call_tools
         self.cache_write_field = cache_write_field
         self.retired: set[str] = set(retired)
+        self.auto_complete_batches = auto_complete_batches
+        self.files: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_billed: list[dict[str, int]] = []
+        """Usage of every batch request run: what Moonshot bills (at the batch price)."""
 
         self.requests: list[RecordedRequest] = []
         self.billed: list[dict[str, int]] = []

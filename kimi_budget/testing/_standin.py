@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from ._chat import ChatEndpoint
+from ._batches import BatchEndpoints
 from ._faults import Fault
 from ._text import (
     _load_kimi_tokenizer,
@@ -22,7 +22,7 @@ from ._wire import (
 )
 
 
-class MoonshotStandIn(ChatEndpoint):
+class MoonshotStandIn(BatchEndpoints):
     """A loopback HTTP server that answers like Moonshot's Kimi API (see the module docstring).
 
     Chat completions, ``/v1/tokenizers/estimate-token-count``, ``/v1/users/me/balance`` and
@@ -149,6 +149,7 @@ class MoonshotStandIn(ChatEndpoint):
             self.errors.clear()
             self._faults.clear()
             self._prefixes.clear()
+            self.batch_billed.clear()
 
     def count_prompt_tokens(self, body: Mapping[str, Any]) -> int:
         """Prompt tokens the server bills for ``body`` (what the estimate endpoint returns)."""
@@ -178,6 +179,12 @@ class MoonshotStandIn(ChatEndpoint):
             self._send_json(
                 h, rec, 200, {"code": 0, "data": dict(self.balance), "scode": "0x0", "status": True}
             )
+        elif path == "/v1/files" or path.startswith("/v1/files/"):
+            self._sleep_latency(h)
+            self._files_route(h, rec, path, raw, body)
+        elif path == "/v1/batches" or path.startswith("/v1/batches/"):
+            self._sleep_latency(h)
+            self._batches_route(h, rec, path, body)
         elif path == "/v1/models":
             self._require(method, "GET")
             self._sleep_latency(h)
