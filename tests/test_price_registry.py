@@ -101,7 +101,9 @@ def test_every_model_both_tables_know_agrees_component_by_component() -> None:
 
 
 def test_every_listed_disagreement_is_real() -> None:
-    found = {(model, component) for model, component, mine, theirs in _comparisons() if mine != theirs}
+    found = {
+        (model, component) for model, component, mine, theirs in _comparisons() if mine != theirs
+    }
     assert set(KNOWN_DISAGREEMENTS) <= found
 
 
