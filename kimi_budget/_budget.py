@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ._money import parse_usd, usd_to_nanos_floor
+from ._money import check_cap, parse_usd, usd_to_nanos_floor
 
 __all__ = ["WINDOWS", "Budget", "format_utc", "window_bounds"]
 
@@ -55,7 +55,7 @@ class Budget:
             total=total,
         )
         self._caps = {
-            name: parse_usd(value, what=f"Budget {name}")
+            name: check_cap(parse_usd(value, what=f"Budget {name}"), what=f"Budget {name}")
             for name, value in given.items()
             if value is not None
         }

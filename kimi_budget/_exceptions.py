@@ -69,7 +69,15 @@ class BudgetExceededError(KimiBudgetError):
         self.scope = dict(scope or {})
         self.resets_at = resets_at
         where = f" for {_format_scope(self.scope)}" if self.scope else ""
-        if window == "per_call":
+        cap_name = "per-call" if window == "per_call" else window
+        if limit_usd == 0:
+            # Nothing to wait for and no max_tokens small enough: only the cap can change.
+            message = (
+                f"Refused before sending: the {cap_name} cap{where} is $0, which blocks every "
+                f"call (this {model} call could cost up to ${projected_usd:f}). Raise the cap "
+                f"to allow calls."
+            )
+        elif window == "per_call":
             message = (
                 f"Refused before sending: this {model} call could cost up to ${projected_usd:f}, "
                 f"over the per-call cap of ${limit_usd:f}{where}. Lower max_tokens or shorten the "
@@ -77,12 +85,16 @@ class BudgetExceededError(KimiBudgetError):
             )
         else:
             left = max(limit_usd - spent_usd - reserved_usd, Decimal(0))
-            reset = f" It resets at {resets_at}." if resets_at else ""
+            if window == "total":
+                # An all-time cap has no window to wait for.
+                advice = "The total cap never resets: lower max_tokens, or raise the cap."
+            else:
+                reset = f"It resets at {resets_at}. " if resets_at else ""
+                advice = f"{reset}Lower max_tokens, wait for the window to reset, or raise the cap."
             message = (
                 f"Refused before sending: this {model} call could cost up to ${projected_usd:f}, "
                 f"but the {window} cap of ${limit_usd:f}{where} has ${left:f} left "
-                f"(${spent_usd:f} spent, ${reserved_usd:f} reserved by calls in flight).{reset} "
-                f"Lower max_tokens, wait for the window to reset, or raise the cap."
+                f"(${spent_usd:f} spent, ${reserved_usd:f} reserved by calls in flight). {advice}"
             )
         super().__init__(message)
 

@@ -40,6 +40,26 @@ def parse_usd(value: object, *, what: str) -> Decimal:
     return amount
 
 
+# The ledger stores amounts as SQLite INTEGERs: signed 64-bit nano-units.
+MAX_NANOS = 2**63 - 1
+
+
+def check_cap(amount: Decimal, *, what: str) -> Decimal:
+    """A cap kimi-budget can count: 0, or between one nano-dollar and the ledger's largest sum."""
+    if amount * NANOS_PER_USD > MAX_NANOS:
+        raise ValueError(
+            f"{what} of {amount} is more than kimi-budget can count: amounts are stored as "
+            f"integer nano-dollars, so a cap is at most {to_usd(MAX_NANOS):f}. Leave the cap "
+            f"out for no limit."
+        )
+    if 0 < amount < Decimal(1) / NANOS_PER_USD:
+        raise ValueError(
+            f"{what} of {amount} is less than one nano-dollar (0.000000001), the smallest "
+            f"amount kimi-budget counts; use 0 to block every call."
+        )
+    return amount
+
+
 def usd_to_nanos_floor(amount: Decimal) -> int:
     """USD as nano-dollars, rounded down: a cap never grows by rounding."""
     return int(amount * NANOS_PER_USD)

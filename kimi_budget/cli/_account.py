@@ -29,6 +29,8 @@ def balance(base_url: str | None, ledger_option: Path | None, as_json: bool) -> 
     from .._client import OpenAI
     from .._provider import resolve_provider
 
+    if base_url is not None:
+        _check_url(base_url, "--base-url")
     try:
         # The same rule as the client's: a key only goes to the provider it belongs to.
         key, base_url = resolve_provider(None, base_url)
@@ -60,3 +62,19 @@ def balance(base_url: str | None, ledger_option: Path | None, as_json: bool) -> 
         ["  cash", f"{result.cash:f} {result.currency}"],
     ]
     click.echo(tb.table(["", ""], rows, right=(1,)).split("\n", 1)[1])
+
+
+def _check_url(url: str, where: str) -> None:
+    """A base URL is http(s)://host[...]: anything else is a user error, not a network error."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(
+            f"{where} {url!r} is not a URL: give one such as https://api.moonshot.ai/v1 "
+            "(scheme, host, path)."
+        )

@@ -103,7 +103,7 @@ def _translate(exc: Exception) -> None:
         # to fix in their message; the traceback would only hide it.
         if os.environ.get("KIMI_BUDGET_DEBUG"):
             return
-        raise UserError(redact(str(exc), secrets)) from None
+        raise UserError(_cli_words(redact(str(exc), secrets))) from None
     if not openai_loaded:
         return
     if isinstance(exc, APIStatusError):
@@ -190,8 +190,19 @@ def open_ledger(option: Path | None, file: FileConfig) -> Any:
             f"no ledger at {path} (from {named}): nothing has been recorded there yet. "
             f"Pass --ledger PATH, or run `kimi-budget demo --ledger {path}` to make one."
         )
+    from ._report import ledger_file_problem
+
+    problem = ledger_file_problem(path)
+    if problem is not None:
+        # Opening it as a ledger would write our schema into it: read-only commands never do.
+        raise UserError(f"{path} {problem}; pass --ledger with the path of a kimi-budget ledger.")
     busy = file.data.get("busy_timeout", 30.0)
-    return Ledger(path, busy_timeout=float(busy) if isinstance(busy, int | float) else 30.0)
+    timeout = float(busy) if isinstance(busy, int | float) else 30.0
+    try:
+        # Reading commands never write: no schema, no migration, no expiry, no merge.
+        return Ledger(path, busy_timeout=timeout, read_only=True)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:  # a Ledger without read-only opening (older than the shared contract)
+        return Ledger(path, busy_timeout=timeout)
 
 
 def zone_name(option: str | None, file: FileConfig) -> str:
@@ -246,6 +257,16 @@ def cli(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
+
+
+# The library's errors name its arguments; on the command line the options have other names.
+_CLI_WORDS = (("ledger=", "--ledger"), ("base_url=", "--base-url"))
+
+
+def _cli_words(text: str) -> str:
+    for library, command_line in _CLI_WORDS:
+        text = text.replace(library, command_line)
+    return text
 
 
 def _one_line(text: str) -> str:

@@ -21,7 +21,7 @@ import click
 
 from . import _report as rp
 from . import _tables as tb
-from ._app import cli, json_option, ledger_file_option
+from ._app import UserError, cli, json_option, ledger_file_option
 
 __all__ = ["demo", "run_demo"]
 
@@ -72,6 +72,15 @@ def demo(ledger_option: Path | None, as_json: bool) -> None:
     A normal call, a streamed one, a call with cache hits and one refused by a budget cap,
     then the report. Uses a temporary ledger unless --ledger is given. No key, no network.
     """
+    if ledger_option is not None:
+        folder = ledger_option.expanduser().absolute().parent
+        if not folder.is_dir():
+            # The library makes the default ledger's folder; a path typed by hand is checked,
+            # so that a typo never leaves new folders behind (at the root, say).
+            raise UserError(
+                f"--ledger {ledger_option}: the folder {folder} does not exist; create it first "
+                "(mkdir -p) or choose another path."
+            )
     run_demo(ledger_option, as_json=as_json)
 
 

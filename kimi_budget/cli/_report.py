@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -548,6 +549,34 @@ def tag_keys(ledger: Ledger) -> list[str]:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             keys.update(json.loads(text or "{}").keys())
     return sorted(keys)
+
+
+def ledger_file_problem(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is not a kimi-budget ledger (None if it is one).
+
+    Read through a read-only connection: looking never changes the file.
+    """
+    import sqlite3
+
+    if path.is_dir():
+        return "is a folder, not a ledger file"
+    try:
+        if path.stat().st_size == 0:
+            return "is an empty file, not a kimi-budget ledger (nothing was ever recorded in it)"
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    except (OSError, sqlite3.Error) as exc:
+        return f"cannot be read ({exc})"
+    try:
+        found = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'calls'"
+        ).fetchone()[0]
+    except sqlite3.DatabaseError:
+        return "is not a SQLite database, so not a kimi-budget ledger"
+    finally:
+        conn.close()
+    if not found:
+        return "is a SQLite database without a calls table: not a kimi-budget ledger"
+    return None
 
 
 # -- status --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ They open the ledger read-only in spirit: a missing ledger is a user error, neve
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -239,8 +240,9 @@ def calls(
     elif not rows:
         click.echo("No calls recorded.")
     else:
-        for row in rows:
-            click.echo(tb.format_call(row, ZoneInfo(zone)))
+        secrets = [os.environ.get(n, "") for n in ("MOONSHOT_API_KEY", "OPENAI_API_KEY")]
+        for line in tb.format_calls(rows, ZoneInfo(zone), [s for s in secrets if s]):
+            click.echo(line)
 
 
 @cli.command()

@@ -64,29 +64,42 @@ def parse_stored(text: str) -> datetime:
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def format_call(row: Mapping[str, Any], zone: ZoneInfo) -> str:
-    """One call on one line, like ``llm logs``."""
-    when = parse_stored(row["created_at"]).astimezone(zone)
-    parts = [when.strftime("%Y-%m-%d %H:%M:%S"), f"{row['status']:<9}", row["model"]]
-    if row["status"] == "pending":
-        parts.append(f"in flight, ${row['projected_usd']} reserved")
-    else:
-        prompt, cached = row["prompt_tokens"], row["cached_tokens"]
-        if prompt is not None:
-            hit = f" ({tokens(cached)} cached)" if cached else ""
-            parts.append(f"{tokens(prompt)} in{hit} / {tokens(row['completion_tokens'] or 0)} out")
-        cost = f"${row['cost_usd']}"
-        parts.append(f"~{cost} (estimated)" if row["estimated"] else cost)
-    if row["stream"]:
-        parts.append("stream")
-    if (row["attempts"] or 0) > 1:
-        parts.append(f"{row['attempts']} attempts")
-    if row["tags"]:
-        parts.append(" ".join(f"{k}={v}" for k, v in row["tags"].items()))
-    problem = row["error"] or row["note"]
-    if problem:
-        parts.append(f"- {_one_line(problem, 100)}")
-    return "  ".join(parts)
+def format_calls(
+    rows: Sequence[Mapping[str, Any]], zone: ZoneInfo, secrets: Sequence[str] = ()
+) -> list[str]:
+    """The calls one per line, like ``llm logs``, in columns: the costs line up on the right.
+
+    An error or a note comes last, with any of ``secrets`` taken out.
+    """
+    from .._redact import redact
+
+    cells = []
+    for row in rows:
+        when = parse_stored(row["created_at"]).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+        usage, cost, extra = "", "", []
+        if row["status"] == "pending":
+            usage, cost = "in flight", f"${row['projected_usd']}"
+            extra.append("reserved")
+        else:
+            prompt, cached = row["prompt_tokens"], row["cached_tokens"]
+            if prompt is not None:
+                hit = f" ({tokens(cached)} cached)" if cached else ""
+                usage = f"{tokens(prompt)} in{hit} / {tokens(row['completion_tokens'] or 0)} out"
+            cost = f"${row['cost_usd']}"
+            if row["estimated"]:
+                cost = "~" + cost
+                extra.append("(estimated)")
+        if row["stream"]:
+            extra.append("stream")
+        if (row["attempts"] or 0) > 1:
+            extra.append(f"{row['attempts']} attempts")
+        if row["tags"]:
+            extra.append(" ".join(f"{k}={v}" for k, v in row["tags"].items()))
+        problem = row["error"] or row["note"]
+        if problem:
+            extra.append(f"- {_one_line(redact(str(problem), tuple(secrets)), 100)}")
+        cells.append([when, row["status"], row["model"], usage, cost, "  ".join(extra)])
+    return table(["", "", "", "", "", ""], cells, right=(4,)).split("\n")[1:]
 
 
 def used_fraction(window: WindowStatus) -> Decimal:
