@@ -24,8 +24,8 @@ from click.testing import CliRunner, Result
 
 import kimi_budget as kb
 from kimi_budget._exceptions import BudgetExceededError
-from kimi_budget._ledger import Reservation, Settlement
 from kimi_budget.cli import cli
+from kimi_budget.ledger import Reservation, Settlement
 from kimi_budget.testing import MoonshotStandIn
 from tests.conftest import KEY
 from tests.test_cli import assert_user_error, at, record
