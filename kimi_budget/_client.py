@@ -15,13 +15,17 @@ SDK's own objects, and errors from Moonshot are the SDK's own exception classes.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import openai
+from openai import NotGiven, not_given
 
 from ._balance import Balance, parse_balance
 from ._budget import Budget, canonical_tags
@@ -45,6 +49,13 @@ from ._retry import explain_quota_error
 from ._streams import tee_async, tee_sync
 from .ledger import Ledger
 from .pricing import BUILTIN_SOURCE
+
+if TYPE_CHECKING:
+    import httpx2
+    from openai import DataResidency, Timeout
+    from openai._provider import _Provider
+    from openai.auth import WorkloadIdentity, X509WorkloadIdentity
+    from typing_extensions import Self
 
 __all__ = ["AsyncOpenAI", "OpenAI"]
 
@@ -109,7 +120,7 @@ class _Guarded:
 
     def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
         guard, given = _guard_settings(kwargs)
-        api_key, base_url = resolve_provider(api_key, base_url)
+        api_key, base_url = _credentials(api_key, base_url, kwargs)
         super().__init__(  # type: ignore[call-arg]  # the SDK client, next in the MRO
             api_key=api_key, base_url=base_url, **kwargs
         )
@@ -122,22 +133,14 @@ class _Guarded:
         call.failed(exc)
         return explain_quota_error(exc, self._kb_secrets())
 
-    def copy(self, **kwargs: Any) -> Any:
-        """The SDK's ``copy()``, keeping the ledger, budgets and tags.
-
-        Also takes ``ledger=``, ``budget=`` and ``tags=`` (merged into the current tags), so
-        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls.
-        """
-        overrides: dict[str, Any] = {
-            name: kwargs.pop(name) for name in ("ledger", "budget", "tags") if name in kwargs
-        }
-        extra = {**kwargs.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
-        return super().copy(_extra_kwargs=extra, **kwargs)  # type: ignore[misc]
-
-    # The SDK binds with_options = copy in its own class body; rebind it to ours (as AzureOpenAI).
-    with_options = copy
+    def _kb_copy(self, parent_copy: Callable[..., Any], given: dict[str, Any]) -> Any:
+        """``copy()``'s work: the SDK's copy of the given arguments, our settings carried along."""
+        overrides = {name: given.pop(name) for name in _COPY_ARGS if name in given}
+        extra = {**given.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
+        return parent_copy(_extra_kwargs=extra, **given)
 
     def _kb_copy_settings(self, overrides: Mapping[str, Any]) -> GuardSettings:
+        """The settings of a copy: these, with ``ledger``, ``budget`` and ``tags`` replaced."""
         settings = self._kb
         if "ledger" in overrides:
             ledger = overrides["ledger"]
@@ -170,6 +173,57 @@ class _Guarded:
             timeout=read_timeout(timeout),
             secrets=self._kb_secrets(),
         )
+
+
+def _credentials(api_key: Any, base_url: Any, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The ``api_key`` and ``base_url`` to hand the SDK's constructor.
+
+    An API key is resolved by our provider rules (``_provider``). A client that authenticates
+    otherwise (``provider=``, ``workload_identity=``, ``admin_api_key=`` or
+    ``_enforce_credentials=False``) is not refused for lacking one: the SDK judges it, as
+    ``openai.OpenAI`` does, and never picks up ``OPENAI_API_KEY`` for Moonshot's URL by itself.
+    """
+    if kwargs.get("provider") is not None:
+        return api_key, base_url  # the provider object configures the key and the URL
+    try:
+        return resolve_provider(api_key, base_url)
+    except openai.OpenAIError:
+        other_auth = (
+            kwargs.get("workload_identity") is not None
+            or kwargs.get("admin_api_key") is not None
+            or kwargs.get("_enforce_credentials") is False
+        )
+        if api_key is not None or not other_auth:
+            raise
+    _, base_url = resolve_provider("", base_url)
+    # Workload identity takes no key at all; otherwise an empty key stops the SDK from reading
+    # OPENAI_API_KEY (which our rules just refused for this URL).
+    return (None if kwargs.get("workload_identity") is not None else ""), base_url
+
+
+_COPY_ARGS = ("ledger", "budget", "tags")
+
+
+@functools.cache
+def _defaults(method: Callable[..., Any]) -> dict[str, Any]:
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(method).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def _given(arguments: Mapping[str, Any], method: Callable[..., Any]) -> dict[str, Any]:
+    """The keyword arguments of a ``method`` call that differ from their defaults.
+
+    Only those are passed on, so the SDK's defaults stay its own and an argument that one SDK
+    major lacks (``data_residency`` before 3.x) is refused by that SDK only when it is used.
+    """
+    return {
+        name: arguments[name]
+        for name, default in _defaults(method).items()
+        if arguments[name] is not default
+    }
 
 
 def _guard_settings(kwargs: dict[str, Any]) -> tuple[GuardSettings | None, dict[str, Any]]:
@@ -265,6 +319,45 @@ class OpenAI(_Guarded, openai.OpenAI):
         """The account's balance (``GET /users/me/balance``): available, voucher and cash."""
         response = self.get("/users/me/balance", cast_to=_http_response_type())
         return parse_balance(response.content, str(self.base_url))
+
+    def copy(
+        self,
+        *,
+        api_key: str | Callable[[], str] | None = None,
+        admin_api_key: str | None = None,
+        workload_identity: WorkloadIdentity | X509WorkloadIdentity | None = None,
+        provider: _Provider | NotGiven | None = not_given,
+        organization: str | None = None,
+        project: str | None = None,
+        webhook_secret: str | None = None,
+        websocket_base_url: str | httpx2.URL | None = None,
+        base_url: str | httpx2.URL | NotGiven | None = not_given,
+        data_residency: DataResidency | None = None,
+        timeout: float | Timeout | NotGiven | None = not_given,
+        http_client: httpx2.Client | None = None,
+        max_retries: int | NotGiven = not_given,
+        default_headers: Mapping[str, str] | None = None,
+        set_default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
+        set_default_query: Mapping[str, object] | None = None,
+        ledger: Ledger | str | os.PathLike[str] | NotGiven = not_given,
+        budget: Budget | Iterable[Budget] | NotGiven | None = not_given,
+        tags: Mapping[str, str] | None = None,
+        _enforce_credentials: bool | None = None,
+        _extra_kwargs: Mapping[str, Any] = {},  # the SDK's own signature
+    ) -> Self:
+        """A new client with the same options, some overridden: the SDK's ``copy()``.
+
+        Keeps the ledger, budgets and tags; ``ledger=`` and ``budget=`` replace them
+        (``budget=None``: no caps) and ``tags=`` are merged into the current tags, so
+        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls.
+        ``data_residency=`` exists from openai 3.x on, as in the SDK.
+        """
+        given = _given(locals(), OpenAI.copy)
+        return cast("Self", self._kb_copy(super().copy, given))
+
+    # The SDK binds with_options = copy in its own class body; rebind it to ours (as AzureOpenAI).
+    with_options = copy
 
 
 class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
@@ -369,6 +462,45 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         """The account's balance (``GET /users/me/balance``): available, voucher and cash."""
         response = await self.get("/users/me/balance", cast_to=_http_response_type())
         return parse_balance(response.content, str(self.base_url))
+
+    def copy(
+        self,
+        *,
+        api_key: str | Callable[[], Awaitable[str]] | None = None,
+        admin_api_key: str | None = None,
+        workload_identity: WorkloadIdentity | X509WorkloadIdentity | None = None,
+        provider: _Provider | NotGiven | None = not_given,
+        organization: str | None = None,
+        project: str | None = None,
+        webhook_secret: str | None = None,
+        websocket_base_url: str | httpx2.URL | None = None,
+        base_url: str | httpx2.URL | NotGiven | None = not_given,
+        data_residency: DataResidency | None = None,
+        timeout: float | Timeout | NotGiven | None = not_given,
+        http_client: httpx2.AsyncClient | None = None,
+        max_retries: int | NotGiven = not_given,
+        default_headers: Mapping[str, str] | None = None,
+        set_default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
+        set_default_query: Mapping[str, object] | None = None,
+        ledger: Ledger | str | os.PathLike[str] | NotGiven = not_given,
+        budget: Budget | Iterable[Budget] | NotGiven | None = not_given,
+        tags: Mapping[str, str] | None = None,
+        _enforce_credentials: bool | None = None,
+        _extra_kwargs: Mapping[str, Any] = {},  # the SDK's own signature
+    ) -> Self:
+        """A new client with the same options, some overridden: the SDK's ``copy()``.
+
+        Keeps the ledger, budgets and tags; ``ledger=`` and ``budget=`` replace them
+        (``budget=None``: no caps) and ``tags=`` are merged into the current tags, so
+        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls.
+        ``data_residency=`` exists from openai 3.x on, as in the SDK.
+        """
+        given = _given(locals(), AsyncOpenAI.copy)
+        return cast("Self", self._kb_copy(super().copy, given))
+
+    # The SDK binds with_options = copy in its own class body; rebind it to ours (as AzureOpenAI).
+    with_options = copy
 
 
 class _NeedsExactCount(Exception):
