@@ -11,6 +11,8 @@ import inspect
 
 import pytest
 
+NOT_SHIPPED = "its recorded response is an external snapshot file the sdist does not ship"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -20,6 +22,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         except (OSError, TypeError):
             continue
         if "external(" in source:
-            item.add_marker(
-                pytest.mark.skip(reason="its recorded response is an external snapshot file the sdist does not ship")
-            )
+            item.add_marker(pytest.mark.skip(reason=NOT_SHIPPED))

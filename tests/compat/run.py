@@ -33,13 +33,25 @@ def sdk_source(openai_version: str) -> Path:
         return target
     CACHE.mkdir(exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-         f"openai=={openai_version}", "-d", str(CACHE)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            f"openai=={openai_version}",
+            "-d",
+            str(CACHE),
+        ],
         check=True,
     )
     [archive] = CACHE.glob(f"openai-{openai_version}.tar.gz")
     with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.name.split("/")[1:2] in (["tests"], ["pyproject.toml"])]
+        wanted = (["tests"], ["pyproject.toml"])
+        members = [m for m in tar.getmembers() if m.name.split("/")[1:2] in wanted]
         tar.extractall(CACHE, members=members, filter="data")
     return target
 
@@ -54,14 +66,26 @@ def main(argv: list[str]) -> int:
     openai_version = version("openai")
     source = sdk_source(openai_version)
     command = [
-        sys.executable, "-m", "pytest", *(argv or DEFAULT_PATHS),
-        "-o", "addopts=--tb=short", "-p", "no:cacheprovider", "-q", "-p", "kb_compat_sdist",
+        sys.executable,
+        "-m",
+        "pytest",
+        *(argv or DEFAULT_PATHS),
+        "-o",
+        "addopts=--tb=short",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-p",
+        "kb_compat_sdist",
     ]
     if not stock:
         command += ["-p", "kb_compat_plugin"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source), str(HERE), str(ROOT)])}
-    print(f"openai {openai_version}, {'stock clients' if stock else 'kimi-budget clients'}:",
-          " ".join(command[3:]), flush=True)
+    print(
+        f"openai {openai_version}, {'stock clients' if stock else 'kimi-budget clients'}:",
+        " ".join(command[3:]),
+        flush=True,
+    )
     return subprocess.run([*command, *extra], cwd=source, env=env).returncode
 
 
