@@ -9,13 +9,16 @@ timings here: those are in ``benchmarks/``). Library users still get exceptions 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import kimi_budget as kb
+from kimi_budget.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("openai", "pydantic", "pydantic_core", "httpx", "httpx2", "tenacity", "sqlite_utils")
@@ -46,6 +49,59 @@ def _run(code: str, *args: str, env: dict[str, str] | None = None) -> tuple[dict
     )
     last = done.stderr.strip().splitlines()[-1]
     return json.loads(last), done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ledger with real calls in it (the demo's, made through the guarded client)."""
+    path = tmp_path_factory.mktemp("startup") / "ledger.db"
+    result = CliRunner().invoke(cli, ["demo", "--ledger", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["report", "--help"],
+        ["report", "--by", "day"],
+        ["report", "--by", "model", "--json"],
+        ["status"],
+        ["status", "--json"],
+        ["calls", "-n", "3"],
+        ["calls", "--model", "kimi-k2.5", "--json"],
+    ],
+    ids=" ".join,
+)
+def test_read_only_commands_import_neither_openai_nor_pydantic(
+    recorded: Path, args: list[str]
+) -> None:
+    with_ledger = args if "--help" in args else [*args, "--ledger", str(recorded)]
+    env = {**os.environ, "KIMI_BUDGET_DAILY_USD": "5"}
+    result, output = _run(PROBE, *with_ledger, env=env)
+    assert result["code"] == 0, output
+    assert result["loaded"] == [], output
+    if "--help" not in args:
+        assert str(recorded) in output or "kimi-k2.5" in output
+
+
+def test_a_user_error_is_one_line_without_openai(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.db"
+    result, output = _run(PROBE, "report", "--ledger", str(missing))
+    assert result == {"code": 2, "loaded": []}, output
+    assert f"kimi-budget: error: no ledger at {missing}" in output
+    assert "Traceback" not in output
+
+
+def test_a_ledger_error_is_still_one_line(tmp_path: Path) -> None:
+    # Not a kimi-budget ledger: the ledger raises LedgerError (an openai.OpenAIError), which the
+    # command line turns into one line and exit status 2 like every user error.
+    bogus = tmp_path / "bogus.db"
+    bogus.write_text("this is not a database\n" * 100)
+    result, output = _run(PROBE, "status", "--ledger", str(bogus))
+    assert result["code"] == 2, output
+    assert "kimi-budget: error:" in output and "Traceback" not in output
 
 
 def test_import_kimi_budget_is_light_and_exceptions_stay_openai_errors() -> None:

@@ -35,8 +35,9 @@ from ._records import Reservation, Settlement, WindowStatus
 
 if TYPE_CHECKING:
     from .._budget import Budget
+    from .._exceptions import LedgerError
 
-__all__ = ["Clock", "Ledger", "default_ledger_path", "expired_settlement"]
+__all__ = ["Clock", "Ledger", "default_ledger_path", "expired_settlement", "ledger_error"]
 
 UTC = timezone.utc
 Clock = Callable[[], datetime]
@@ -54,6 +55,18 @@ def default_ledger_path() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("kimi-budget", appauthor=False)) / "ledger.db"
+
+
+def ledger_error(message: str, *, path: str | None = None) -> LedgerError:
+    """``LedgerError(message, path=path)``, its class imported only now, on the error path.
+
+    ``kimi_budget._exceptions`` imports openai (its classes subclass ``openai.OpenAIError``),
+    which the command line's read-only commands must not pay for: the ledger package never
+    imports it at the top of a module (see that module's docstring).
+    """
+    from .._exceptions import LedgerError
+
+    return LedgerError(message, path=path)
 
 
 def expired_settlement(reservation: Reservation, attempts: int, now: datetime) -> Settlement:

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .._exceptions import LedgerError
 from ._records import Settlement
 
 __all__ = ["FallbackFile"]
@@ -79,8 +78,9 @@ class FallbackFile:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line torn by a crash mid-write; the rest still count
             merged = apply(settlements)
-        except LedgerError:
-            # Put the lines back for the next open rather than lose them.
+        except BaseException:
+            # Whatever failed (LedgerError, an interrupt): put the lines back for the next open
+            # rather than lose them.
             with open(self.path, "a", encoding="utf-8") as out:
                 out.write(merging.read_text("utf-8"))
             merging.unlink()

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import sqlite_utils
 
+    from .._exceptions import BudgetExceededError
+
 from .._budget import (
     WINDOWS,
     Budget,
@@ -41,10 +43,16 @@ from .._budget import (
     parse_utc,
     tags_json,
 )
-from .._exceptions import BudgetExceededError, LedgerError
 from .._money import to_usd
 from . import _windows
-from ._backend import Clock, Ledger, default_ledger_path, expired_settlement, utcnow
+from ._backend import (
+    Clock,
+    Ledger,
+    default_ledger_path,
+    expired_settlement,
+    ledger_error,
+    utcnow,
+)
 from ._fallback import FallbackFile
 from ._records import Reservation, Settlement, WindowStatus
 from ._windows import Scope, as_utc_text
@@ -107,7 +115,7 @@ class SQLiteLedger(Ledger):
             except FileExistsError:
                 pass  # another process created it first; it is checked below like any file
             except OSError as exc:
-                raise LedgerError(
+                raise ledger_error(
                     f"Cannot create the ledger {path}: {exc.strerror or exc}. Choose a writable "
                     f"path with ledger= or KIMI_BUDGET_LEDGER.",
                     path=str(path),
@@ -121,14 +129,14 @@ class SQLiteLedger(Ledger):
             conn.execute("PRAGMA synchronous = NORMAL")
             apply_migrations(conn)
         except sqlite3.DatabaseError as exc:
-            raise LedgerError(self._explain(exc, "open"), path=str(path)) from None
+            raise ledger_error(self._explain(exc, "open"), path=str(path)) from None
         return conn
 
     def _refuse_foreign_file(self, path: Path) -> None:
         if path.is_symlink():
             target = path.resolve()
             if not (target.is_file() and _is_ledger(target)):
-                raise LedgerError(
+                raise ledger_error(
                     f"The ledger path {path} is a symbolic link to {target}, which is not a "
                     f"kimi-budget ledger; refusing to write through it. Point ledger= at a "
                     f"regular file.",
@@ -136,13 +144,13 @@ class SQLiteLedger(Ledger):
                 )
         if path.exists():
             if path.is_dir():
-                raise LedgerError(
+                raise ledger_error(
                     f"The ledger path {path} is a directory; give a file path such as "
                     f"{path / 'ledger.db'}.",
                     path=str(path),
                 )
             if not stat.S_ISREG(path.stat().st_mode):
-                raise LedgerError(f"The ledger path {path} is not a regular file.", path=str(path))
+                raise ledger_error(f"The ledger path {path} is not a regular file.", path=str(path))
 
     def _check_ours(self, path: Path) -> None:
         """Refuse, without writing a byte, any non-empty file that is not one of our ledgers."""
@@ -155,7 +163,7 @@ class SQLiteLedger(Ledger):
         app_id, tables = _probe(path)
         # An empty SQLite database (no tables yet) may be adopted; anything else is not ours.
         if app_id != APPLICATION_ID and (app_id != 0 or tables):
-            raise LedgerError(
+            raise ledger_error(
                 f"{self.path} is a SQLite database but not a kimi-budget ledger; kimi-budget "
                 f"will not write to it. Choose another path with ledger= or KIMI_BUDGET_LEDGER.",
                 path=str(self.path),
@@ -224,14 +232,14 @@ class SQLiteLedger(Ledger):
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise LedgerError(self._explain(exc, doing), path=str(self.path)) from None
+                raise ledger_error(self._explain(exc, doing), path=str(self.path)) from None
             self._writer = threading.get_ident()
             try:
                 yield conn
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
-                raise LedgerError(self._explain(exc, doing), path=str(self.path)) from None
+                raise ledger_error(self._explain(exc, doing), path=str(self.path)) from None
             except BaseException:
                 _rollback(conn)
                 raise
@@ -334,6 +342,10 @@ class SQLiteLedger(Ledger):
             return self._settle(conn, settlement)
 
     def _settle_deferred(self) -> None:
+        if not self._deferred:
+            return
+        from .._exceptions import LedgerError  # a call is under way: openai is loaded
+
         while self._deferred:
             settlement = self._deferred.pop(0)
             try:

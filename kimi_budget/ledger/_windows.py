@@ -16,12 +16,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from .._budget import Budget, format_utc, window_bounds, window_key
-from .._exceptions import BudgetExceededError
 from .._money import to_usd
 from ._records import Reservation, WindowStatus
+
+if TYPE_CHECKING:
+    from .._exceptions import BudgetExceededError
 
 __all__ = [
     "Scope",
@@ -88,6 +91,8 @@ def check_per_call(reservation: Reservation, budgets: Sequence[Budget]) -> None:
     for budget in budgets:
         cap = budget.caps_nanos.get("per_call")
         if cap is not None and reservation.projected_nanos > cap:
+            from .._exceptions import BudgetExceededError  # see ledger_error()
+
             raise BudgetExceededError(
                 window="per_call",
                 limit_usd=budget.caps["per_call"],
@@ -113,6 +118,8 @@ def refusal(
         if spent + reserved + projected <= budget.caps_nanos[window]:
             continue
         end = window_bounds(window, instant, budget.tz)[1]
+        from .._exceptions import BudgetExceededError  # see ledger_error()
+
         return BudgetExceededError(
             window=window,
             limit_usd=budget.caps[window],
