@@ -41,7 +41,7 @@ async def main() -> None:
                 peak = max(peak, in_flight)
                 try:
                     response = await client.chat.completions.create(
-                        model="kimi-k2.5",
+                        model="kimi-k2.6",
                         messages=[{"role": "user", "content": f"Give me fact number {n}."}],
                         max_tokens=150,
                     )

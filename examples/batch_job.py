@@ -37,7 +37,7 @@ def main() -> int:
         for document in DOCUMENTS:
             try:
                 response = client.chat.completions.create(
-                    model="kimi-k2.5",
+                    model="kimi-k2.6",
                     messages=[
                         {"role": "system", "content": "Summarise in one line."},
                         {"role": "user", "content": document},

@@ -41,7 +41,7 @@ def main() -> None:
             for team, team_client in teams.items():
                 try:
                     team_client.chat.completions.create(
-                        model="kimi-k2.5",
+                        model="kimi-k2.6",
                         messages=[{"role": "user", "content": f"Question {round_} from {team}."}],
                         max_tokens=100,
                     )

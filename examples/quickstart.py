@@ -29,7 +29,7 @@ def main() -> None:
             tags={"example": "quickstart"},
         )
         response = client.chat.completions.create(
-            model="kimi-k2.5",
+            model="kimi-k2.6",
             messages=[{"role": "user", "content": "Say hello in five words."}],
             max_tokens=200,
         )

@@ -36,7 +36,7 @@ def main() -> None:
         client = OpenAI(**connection, budget=Budget(daily="1"), tags={"example": "streaming"})
 
         stream = client.chat.completions.create(
-            model="kimi-k2.5", messages=MESSAGES, max_tokens=200, stream=True
+            model="kimi-k2.6", messages=MESSAGES, max_tokens=200, stream=True
         )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -45,7 +45,7 @@ def main() -> None:
         show(client, "read to the end")
 
         stream = client.chat.completions.create(
-            model="kimi-k2.5", messages=MESSAGES, max_tokens=200, stream=True
+            model="kimi-k2.6", messages=MESSAGES, max_tokens=200, stream=True
         )
         for seen, _chunk in enumerate(stream, start=1):
             if seen == 3:

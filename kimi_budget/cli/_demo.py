@@ -25,7 +25,7 @@ from ._app import UserError, cli, json_option, ledger_file_option
 
 __all__ = ["demo", "run_demo"]
 
-MODEL = "kimi-k2.5"
+MODEL = "kimi-k2.6"
 DAILY_CAP = "0.005"
 # Moonshot's cache serves prompts over 256 tokens; this system prompt is about 400 on its own.
 LONG_PREFIX = " ".join(
