@@ -78,11 +78,11 @@ class Budget:
     @property
     def caps(self) -> dict[str, Decimal]:
         """The caps that are set, in USD, narrowest first."""
-        return {name: self._caps[name] for name in _CAPS if name in self._caps}
+        return dict(self._caps)  # built in _CAPS order; a copy, so a caller cannot change it
 
     @property
     def caps_nanos(self) -> dict[str, int]:
-        return {name: self._caps_nanos[name] for name in _CAPS if name in self._caps_nanos}
+        return dict(self._caps_nanos)
 
     @property
     def windows(self) -> tuple[str, ...]:
@@ -142,8 +142,19 @@ def canonical_tags(tags: Mapping[str, Any], *, what: str = "tags") -> dict[str, 
     return dict(sorted(result.items()))
 
 
+_TAGS_JSON: dict[tuple[tuple[str, str], ...], str] = {}
+
+
 def tags_json(tags: Mapping[str, str]) -> str:
-    return json.dumps(dict(sorted(tags.items())), separators=(",", ":"), ensure_ascii=False)
+    """Tags as stored: compact JSON sorted by key (memoized: a client sends the same few)."""
+    items = tuple(sorted(tags.items()))
+    text = _TAGS_JSON.get(items)
+    if text is None:
+        text = json.dumps(dict(items), separators=(",", ":"), ensure_ascii=False)
+        if len(_TAGS_JSON) >= 1024:
+            _TAGS_JSON.clear()
+        _TAGS_JSON[items] = text
+    return text
 
 
 def format_utc(instant: datetime) -> str:
@@ -192,28 +203,29 @@ def _local_midnight(day: Any, tz: ZoneInfo) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(UTC)
 
 
-_WINDOW_KEYS: dict[tuple[Any, ...], str] = {}
+# The window each (zone, window) was last asked about: (start, end, key). Calls come in time
+# order, so nearly every lookup is one range check.
+_CURRENT_WINDOW: dict[tuple[ZoneInfo, str], tuple[datetime, datetime, str]] = {}
 
 
 def window_key(window: str, instant: datetime, tz: ZoneInfo) -> str:
     """The stored key of the window holding ``instant``: its UTC start, or '' for all time.
 
-    Every ledger write needs these keys, and computing one costs a few microseconds, so they
-    are memoized. The cache key is exactly what ``window_bounds`` depends on: the local date
-    (day, week and month windows), or the local hour and UTC offset (hour windows).
+    Every ledger write needs these keys (several per call), so the last window of each zone
+    and kind is kept with its bounds, and an instant inside them gets its key with two
+    comparisons. Every instant in ``[start, end)`` of a window has that same window (a local
+    day, week or month; an hour whose UTC offset does not change within it, which is checked
+    before it is kept), so the answer is always ``window_bounds``' own.
     """
     if window == "total":
         return ""
-    local = instant.astimezone(tz)
-    if window == "hourly":
-        offset = local.utcoffset()
-        memo: tuple[Any, ...] = (tz, local.year, local.month, local.day, local.hour, offset)
-    else:
-        memo = (tz, window, local.year, local.month, local.day)
-    key = _WINDOW_KEYS.get(memo)
-    if key is None:
-        key = format_utc(window_bounds(window, instant, tz)[0])
-        if len(_WINDOW_KEYS) >= 4096:
-            _WINDOW_KEYS.clear()
-        _WINDOW_KEYS[memo] = key
+    memo = (tz, window)
+    current = _CURRENT_WINDOW.get(memo)
+    if current is not None and current[0] <= instant < current[1]:
+        return current[2]
+    start, end = window_bounds(window, instant, tz)
+    key = format_utc(start)
+    last = end - timedelta(microseconds=1)
+    if window != "hourly" or start.astimezone(tz).utcoffset() == last.astimezone(tz).utcoffset():
+        _CURRENT_WINDOW[memo] = (start, end, key)
     return key
