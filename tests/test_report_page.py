@@ -336,3 +336,68 @@ def _exact(nanos: int) -> str:
     from decimal import Decimal
 
     return format((Decimal(nanos) / NANOS).normalize(), "f")
+
+
+# -- two currencies ------------------------------------------------------------------------------
+
+
+def _cny_call(ledger: kb.Ledger, when: Any, prompt: int, completion: int) -> int:
+    """A call billed in CNY (api.moonshot.cn), kimi-k2.6 at ¥1.10 / ¥6.50 / ¥27.00 per million."""
+    import uuid
+    from datetime import timedelta
+
+    from kimi_budget.ledger import Reservation, Settlement
+
+    hit, miss, out = 1_100, 6_500, 27_000  # nano-yuan per token
+    reservation = Reservation(
+        call_id=uuid.uuid4().hex,
+        model="kimi-k2.6",
+        tags={"team": "china"},
+        created_at=when,
+        expires_at=when + timedelta(hours=1),
+        projected_nanos=prompt * miss + 1000 * out,
+        prompt_estimate=prompt,
+        price_cache_hit=hit,
+        price_cache_miss=miss,
+        price_output=out,
+        currency="CNY",
+    )
+    ledger.reserve(reservation)
+    cost = prompt * miss + completion * out
+    ledger.settle(
+        Settlement(
+            reservation=reservation,
+            status="ok",
+            prompt_tokens=prompt,
+            cached_tokens=0,
+            completion_tokens=completion,
+            cost_nanos=cost,
+            estimated=False,
+            attempts=1,
+            finished_at=when + timedelta(seconds=1),
+        )
+    )
+    return cost
+
+
+def test_usd_and_cny_are_shown_apart_never_added(
+    month: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    ledger, rows = month
+    with kb.Ledger(ledger) as opened:
+        yuan = sum(_cny_call(opened, at(2026, 11, day, 11), 40_000, 900) for day in (2, 4))
+    dollars = sum(r["cost"] for r in rows)
+    page = tmp_path / "spend.html"
+    assert write_page(ledger, page).exit_code == 0
+    parsed = _Collect()
+    parsed.feed(page.read_text(encoding="utf-8"))
+    words = " ".join(" ".join(parsed.text).split())
+    assert "USD spent" in words and "CNY spent" in words
+    assert f"spent ${_exact(dollars)}" in words and f"spent ¥{_exact(yuan)}" in words
+    assert f"${_exact(dollars + yuan)}" not in words
+    # The terminal chart: one per currency, each with its own totals.
+    chart = CliRunner().invoke(cli, ["report", "--ledger", str(ledger), "--by", "day", "--chart"])
+    assert chart.exit_code == 0, chart.output
+    assert "UTC, USD)" in chart.output and "UTC, CNY)" in chart.output
+    assert "¥" in chart.output.split("UTC, CNY)")[1]
+    assert "¥" not in chart.output.split("UTC, CNY)")[0]

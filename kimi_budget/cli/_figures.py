@@ -86,10 +86,18 @@ def models_spent(
     model: str | None = None,
     tags: Mapping[str, str] | None = None,
     tz: str = "UTC",
+    currency: str | None = None,
 ) -> list[str]:
     """The models settled calls matching the filters went to, the costliest first."""
     report = rp.build_report(
-        ledger, by="model", since=since, until=until, model=model, tags=tags, tz=tz
+        ledger,
+        by="model",
+        since=since,
+        until=until,
+        model=model,
+        tags=tags,
+        tz=tz,
+        currency=currency,
     )
     return [row.key for row in report.rows]
 
@@ -103,6 +111,7 @@ def chart_days(
     until: datetime | None = None,
     tags: Mapping[str, str] | None = None,
     tz: str = "UTC",
+    currency: str | None = None,
     step: Callable[[int], None] | None = None,
 ) -> list[ChartDay]:
     """Spend per ``by`` bucket of each of ``models``; buckets with no spend in between included.
@@ -113,7 +122,14 @@ def chart_days(
     spend: dict[str, dict[str, int]] = {}
     for name in models:
         report = rp.build_report(
-            ledger, by=by, since=since, until=until, model=name, tags=tags, tz=tz
+            ledger,
+            by=by,
+            since=since,
+            until=until,
+            model=name,
+            tags=tags,
+            tz=tz,
+            currency=currency,
         )
         for row in report.rows:
             spend.setdefault(row.key, {})[name] = row.cost_nanos
@@ -184,16 +200,11 @@ def gather(
     top: int = 10,
     step: Callable[[int], None] | None = None,
 ) -> Figures:
-    """The page's figures (today one currency, USD: the ledger's rows carry no other yet)."""
-    filters: dict[str, Any] = {"since": since, "until": until, "model": model, "tags": tags}
-    by_model = rp.build_report(ledger, by="model", tz=tz, **filters)
-    by_tag = {}
-    for key in rp.tag_keys(ledger):
-        rows = rp.build_report(ledger, by=f"tag:{key}", tz=tz, **filters).rows
-        if rows:
-            by_tag[key] = rows
-        if step is not None:
-            step(1)
+    """The page's figures, one part per currency the ledger's calls were billed in.
+
+    A ledger in one currency is read as fast as the report reads it (from the rollup); with
+    several, each currency's figures come from its own rows, never summed together.
+    """
     figures = Figures(
         ledger=ledger.location,
         tz=tz,
@@ -203,24 +214,44 @@ def gather(
         tags=dict(tags or {}),
         generated_at=now,
     )
-    figures.currencies.append(
-        CurrencyFigures(
-            currency="USD",
-            days=chart_days(
-                ledger,
-                [row.key for row in by_model.rows],
-                by="day",
-                since=since,
-                until=until,
-                tags=tags,
-                tz=tz,
-                step=step,
-            ),
-            caps=budget_caps(ledger, budgets, "USD"),
-            by_model=by_model.rows,
-            by_tag=by_tag,
-            costliest=rp.costliest_calls(ledger, limit=top, **filters),
-            total=by_model.total,
+    found = rp.currencies(ledger)
+    for currency in found:
+        only = currency if len(found) > 1 else None
+        filters: dict[str, Any] = {
+            "since": since,
+            "until": until,
+            "tags": tags,
+            "tz": tz,
+            "currency": only,
+        }
+        by_model = rp.build_report(ledger, by="model", model=model, **filters)
+        by_tag = {}
+        for key in rp.tag_keys(ledger):
+            rows = rp.build_report(ledger, by=f"tag:{key}", model=model, **filters).rows
+            if rows:
+                by_tag[key] = rows
+            if step is not None:
+                step(1)
+        days = chart_days(
+            ledger, [row.key for row in by_model.rows], by="day", step=step, **filters
         )
-    )
+        figures.currencies.append(
+            CurrencyFigures(
+                currency=currency,
+                days=days,
+                caps=budget_caps(ledger, budgets, currency),
+                by_model=by_model.rows,
+                by_tag=by_tag,
+                costliest=rp.costliest_calls(
+                    ledger,
+                    limit=top,
+                    since=since,
+                    until=until,
+                    model=model,
+                    tags=tags,
+                    currency=only,
+                ),
+                total=by_model.total,
+            )
+        )
     return figures

@@ -46,6 +46,7 @@ __all__ = [
     "ReportRow",
     "build_report",
     "costliest_calls",
+    "currencies",
     "list_calls",
     "parse_when",
     "tag_keys",
@@ -224,8 +225,12 @@ def _rows_source(
     until: datetime | None,
     model: str | None,
     tags: Mapping[str, str] | None,
+    currency: str | None = None,
 ) -> _Source:
     where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
+    if currency is not None:
+        where += " AND currency = ?"
+        params.append(currency)
     return _Source("rows", "calls", "created_at", _AGGREGATE, f" AND {_SETTLED}{where}", params)
 
 
@@ -278,20 +283,22 @@ def build_report(
     tags: Mapping[str, str] | None = None,
     tz: str = "UTC",
     source: str = "auto",
+    currency: str | None = None,
 ) -> Report:
     """Settled spend grouped ``by`` day/week/month (in ``tz``), model, ``tag:KEY`` or ``total``.
 
     ``source``: ``"auto"`` reads the rollup when it answers exactly and the rows otherwise;
     ``"rows"`` always reads the rows; ``"rollup"`` raises ``ValueError`` if it cannot answer.
+    ``currency`` keeps the calls billed in it (the rows' ``currency``; the rollup has none).
     """
     if source not in ("auto", "rollup", "rows"):
         raise ValueError(f"source must be auto, rollup or rows, not {source!r}.")
     ledger = _sql_ledger(ledger)
     conn = ledger.conn
     zone = ZoneInfo(tz)
-    rows_source = _rows_source(ledger, since, until, model, tags)
+    rows_source = _rows_source(ledger, since, until, model, tags, currency)
     src: _Source | None = rows_source
-    if source != "rows":
+    if source != "rows" and currency is None:
         src = _rollup_source(ledger, since, until, model, tags)
     if src is None:
         if source == "rollup":
@@ -342,6 +349,9 @@ def build_report(
     where, params = ledger.filters(
         since=since, until=until, model=model, tags=tags, use_indexes=False
     )
+    if currency is not None:
+        where += " AND currency = ?"
+        params.append(currency)
     pending_calls, pending_nanos = conn.execute(
         f"SELECT count(*), coalesce(sum(projected_nanos), 0) FROM calls "
         f"WHERE status = 'pending'{where}",
@@ -521,10 +531,14 @@ def costliest_calls(
     until: datetime | None = None,
     model: str | None = None,
     tags: Mapping[str, str] | None = None,
+    currency: str | None = None,
 ) -> list[dict[str, Any]]:
     """The ``limit`` settled calls that cost the most, most expensive first (as ``list_calls``)."""
     ledger = _sql_ledger(ledger)
     where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
+    if currency is not None:
+        where += " AND currency = ?"
+        params.append(currency)
     cursor = ledger.conn.execute(
         f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED}{where} "
         "ORDER BY cost_nanos DESC, created_at DESC LIMIT ?",
@@ -540,6 +554,19 @@ def costliest_calls(
         row["cost_nanos"] = int(row["cost_nanos"])
         result.append(row)
     return result
+
+
+def currencies(ledger: Ledger) -> list[str]:
+    """The currencies settled calls were billed in (``["USD"]`` for a ledger without the column).
+
+    USD first, then the others alphabetically; never an amount summed across two of them.
+    """
+    conn = _sql_ledger(ledger).conn
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+    if "currency" not in columns:
+        return ["USD"]
+    found = {r[0] for r in conn.execute(f"SELECT DISTINCT currency FROM calls WHERE {_SETTLED}")}
+    return sorted(found or {"USD"}, key=lambda c: (c != "USD", c))
 
 
 def tag_keys(ledger: Ledger) -> list[str]:

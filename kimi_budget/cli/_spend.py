@@ -283,25 +283,41 @@ def _draw_chart(
     from ._progress import progress
 
     budgets = resolve_budgets(None, file)
-    filters: dict[str, Any] = {"since": since, "until": until, "tags": tags, "tz": tz}
+    charts = []
     with open_ledger(ledger_option, file) as ledger:
-        models = _figures.models_spent(ledger, model=model, **filters)
-        with progress(len(models), "Reading the ledger") as step:
-            days = _figures.chart_days(ledger, models, by=by, step=step, **filters)
-        cap = _figures.period_cap(_figures.budget_caps(ledger, budgets), by, tags)
+        found = rp.currencies(ledger)
+        for currency in found:
+            # Never one bar for two currencies: a chart per currency when there are several.
+            filters: dict[str, Any] = {
+                "since": since,
+                "until": until,
+                "tags": tags,
+                "tz": tz,
+                "currency": currency if len(found) > 1 else None,
+            }
+            models = _figures.models_spent(ledger, model=model, **filters)
+            with progress(len(models), "Reading the ledger") as step:
+                days = _figures.chart_days(ledger, models, by=by, step=step, **filters)
+            caps = _figures.budget_caps(ledger, budgets, currency)
+            charts.append((currency, days, _figures.period_cap(caps, by, tags)))
         where = str(ledger.path)
     terminal = sys.stdout.isatty()
     width = min(shutil.get_terminal_size((80, 24)).columns, 120) if terminal else 80
     scope = tb.describe(since, until, model, tags, tz)
-    click.echo(f"Spend by {by} ({tz}{', ' + scope if scope else ''}), stacked by model")
-    click.echo(f"in {where}")
-    click.echo()
-    click.echo(
-        _chart.spend_chart(
-            days,
-            cap_nanos=cap.limit_nanos if cap else None,
-            cap_label=cap.label if cap else "cap",
-            width=max(width, 60),
-            fancy=terminal,
+    for index, (currency, days, cap) in enumerate(charts):
+        what = f", {currency}" if len(charts) > 1 else ""
+        if index:
+            click.echo()
+        click.echo(f"Spend by {by} ({tz}{', ' + scope if scope else ''}{what}), stacked by model")
+        click.echo(f"in {where}")
+        click.echo()
+        click.echo(
+            _chart.spend_chart(
+                days,
+                cap_nanos=cap.limit_nanos if cap else None,
+                cap_label=cap.label if cap else "cap",
+                currency=currency,
+                width=max(width, 60),
+                fancy=terminal,
+            )
         )
-    )
