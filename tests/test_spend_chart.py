@@ -144,3 +144,35 @@ def test_progress_bar_only_on_a_terminal_and_only_when_slow() -> None:
         step(1)
         step(1)
     assert piped.getvalue() == ""
+
+
+def test_the_chart_and_the_page_import_neither_openai_nor_pydantic(
+    three_days: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    path, _ = three_days
+    probe = (
+        "import sys\n"
+        "from kimi_budget.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit as done:\n"
+        "    assert not done.code, done.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('openai', 'pydantic'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    for args in (
+        ["--by", "day", "--chart"],
+        ["--html", str(tmp_path / "spend.html")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, "report", "--ledger", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "HEAVY []" in done.stdout, done.stdout[-500:]
