@@ -424,15 +424,14 @@ class StageTimer:
         self._undo.append(lambda: setattr(owner, name, original))
 
     def install(self, ledger: Any) -> StageTimer:
-        from kimi_budget import _client, _streams
+        from kimi_budget import _client, _guard, _streams
         from kimi_budget._guard import Call
 
         self._wrap(_client, "prepare", "estimate")
         self._wrap(Call, "__init__", "check+reserve")
         self._wrap(ledger, "reserve", "check+reserve")
         self._wrap(Call, "on_response", "send hooks")
-        self._wrap(_client, "tee_sync", "send hooks")
-        self._wrap(_client, "tee_async", "send hooks")
+        self._wrap(_guard, "watch_body", "send hooks")
         self._wrap(_streams, "_feed", "send hooks")
         self._wrap(Call, "succeeded", "settle")
         self._wrap(Call, "stream_ended", "settle")

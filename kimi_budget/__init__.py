@@ -27,6 +27,7 @@ if typing.TYPE_CHECKING:
     from ._exceptions import (
         BudgetExceededError,
         ContextLengthExceededError,
+        InvalidRequestError,
         KimiBudgetError,
         LedgerError,
         PriceTableError,
@@ -42,6 +43,7 @@ __all__ = [
     "Budget",
     "BudgetExceededError",
     "ContextLengthExceededError",
+    "InvalidRequestError",
     "KimiBudgetError",
     "Ledger",
     "LedgerError",
@@ -58,6 +60,7 @@ _HOMES = {
     "Budget": "._budget",
     "BudgetExceededError": "._exceptions",
     "ContextLengthExceededError": "._exceptions",
+    "InvalidRequestError": "._exceptions",
     "KimiBudgetError": "._exceptions",
     "Ledger": ".ledger",
     "LedgerError": "._exceptions",

@@ -46,7 +46,7 @@ from ._guard import (
 )
 from ._provider import resolve_provider
 from ._retry import explain_quota_error
-from ._streams import tee_async, tee_sync
+from ._streams import body_was_read
 from .ledger import Ledger
 from .pricing import BUILTIN_SOURCE
 
@@ -310,9 +310,7 @@ class OpenAI(_Guarded, openai.OpenAI):
         except Exception as exc:
             call.on_transport_error(exc)
             raise
-        sniffer = call.on_response(response, stream)
-        if sniffer is not None:
-            response.stream = tee_sync(response.stream, sniffer, call)
+        call.on_response(response, stream)  # watches the body for the bill
         return response
 
     def balance(self) -> Balance:
@@ -453,9 +451,10 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         except Exception as exc:
             call.on_transport_error(exc)
             raise
-        sniffer = call.on_response(response, stream)
-        if sniffer is not None:
-            response.stream = tee_async(response.stream, sniffer, call)
+        if response.status_code >= 400 and not body_was_read(response):
+            # An error body may carry usage; the SDK's retry loop would close it unread.
+            await response.aread()
+        call.on_response(response, stream)  # watches the body for the bill
         return response
 
     async def balance(self) -> Balance:

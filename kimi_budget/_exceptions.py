@@ -7,6 +7,7 @@ subclass ``openai.OpenAIError``, so code that already catches the SDK's errors k
     └── KimiBudgetError
         ├── BudgetExceededError        the projected cost does not fit a budget cap
         ├── ContextLengthExceededError prompt + max output does not fit the model's window
+        ├── InvalidRequestError        the request cannot be capped as written (absurd n)
         ├── UnknownModelError          the model has no price, so its cost cannot be capped
         ├── PriceTableError            a price file or override is malformed (also a ValueError)
         └── LedgerError                the ledger cannot be opened or written
@@ -34,6 +35,7 @@ import openai
 __all__ = [
     "BudgetExceededError",
     "ContextLengthExceededError",
+    "InvalidRequestError",
     "KimiBudgetError",
     "LedgerError",
     "PriceTableError",
@@ -116,6 +118,10 @@ class ContextLengthExceededError(KimiBudgetError):
             f"{max_tokens} = {prompt_tokens + max_tokens} exceeds {model}'s context window of "
             f"{context_window} tokens. Shorten the messages or lower max_tokens."
         )
+
+
+class InvalidRequestError(KimiBudgetError, ValueError):
+    """The request cannot be capped as written (its worst case is beyond any ledger figure)."""
 
 
 class UnknownModelError(KimiBudgetError):

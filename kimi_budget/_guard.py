@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import logging
 import threading
 import time
 import uuid
@@ -20,15 +21,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 
 from ._budget import Budget
-from ._exceptions import ContextLengthExceededError, LedgerError
+from ._exceptions import ContextLengthExceededError, InvalidRequestError, LedgerError
 from ._redact import redact
-from ._retry import RetryPolicy, error_type, log, was_sent
+from ._retry import RetryPolicy, error_type, was_sent
+from ._streams import body_was_read, new_sniffer, watch_body
 from ._tokens import TokenEstimate, count_request_tokens
-from ._usage import BodySniffer, SseSniffer, Usage, read_usage, usage_from_body
+from ._usage import (
+    BodySniffer,
+    SseSniffer,
+    Usage,
+    describe_usage_problem,
+    read_usage,
+    usage_from_body,
+)
 from .ledger import Ledger, Reservation, Settlement
 from .pricing import ModelPrice, PriceTable
 
@@ -38,6 +48,8 @@ __all__ = ["ACTIVE_CALL", "Call", "GuardSettings", "Prepared", "is_chat_completi
 ACTIVE_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
     "kimi_budget_call", default=None
 )
+
+log = logging.getLogger("kimi_budget")
 
 TokenCounter = Callable[[Mapping[str, Any]], int]
 _DEFAULT_TIMEOUT = 600.0  # the SDK's own default read timeout
@@ -67,19 +79,33 @@ class Prepared:
     body: dict[str, Any]
     price: ModelPrice
     estimate: TokenEstimate
-    max_tokens: int | None  # the request's own limit, if it set one
+    max_tokens: int | None  # the smallest output limit the request set (the context check)
     choices: int
+    # The largest limit set (``max_tokens`` and ``max_completion_tokens`` both given: either
+    # may be the one the server honours), or None; ``limit_unreadable``: a limit was given in
+    # a shape we cannot read (the server may still honour it).
+    output_limit: int | None = None
+    limit_unreadable: bool = False
 
     @property
     def max_output(self) -> int:
-        """The most output tokens each choice can bill."""
-        if self.max_tokens is not None:
-            return self.max_tokens
-        # Without max_tokens the server stops at its default or at the end of the window.
-        room = max(self.price.context_window - self.estimate.tokens, 0)
+        """The most output tokens each choice can bill.
+
+        Never less than the server can generate: an approximate prompt count may be too high,
+        so it only narrows the room left in the context window when it is exact.
+        """
+        room = self.price.context_window - (self.estimate.tokens if self.estimate.exact else 0)
+        room = max(room, 0)
+        limit = self.output_limit if self.output_limit is not None else self.max_tokens
+        if limit is not None and not self.limit_unreadable:
+            return min(limit, room)
+        if self.limit_unreadable:
+            return room
         default = self.price.default_max_tokens
-        # A model priced by the user without its default output: the whole window.
-        return room if default is None else min(default, room)
+        if default is None:
+            # A model priced by the user without its default output: the whole window.
+            return room
+        return min(default, room)
 
     @property
     def projected_nanos(self) -> int:
@@ -90,8 +116,12 @@ class Prepared:
 
 
 def is_chat_completion(options: Any) -> bool:
-    url = str(getattr(options, "url", ""))
-    return options.method.lower() == "post" and url.rstrip("/").endswith("chat/completions")
+    """Whether ``options`` sends a chat completion (any URL form: relative, absolute, with a
+    query string or a trailing slash)."""
+    if str(getattr(options, "method", "")).lower() != "post":
+        return False
+    path = urlsplit(str(getattr(options, "url", ""))).path.rstrip("/")
+    return path == "chat/completions" or path.endswith("/chat/completions")
 
 
 def request_body(options: Any) -> dict[str, Any]:
@@ -103,6 +133,10 @@ def request_body(options: Any) -> dict[str, Any]:
     if isinstance(extra, Mapping):
         body.update(extra)
     return body
+
+
+# The ledger stores nano-units in a signed 64-bit integer.
+_MAX_NANOS = 2**63 - 1
 
 
 def prepare(
@@ -117,12 +151,15 @@ def prepare(
     """
     model = body.get("model")
     price = settings.prices.get(model if isinstance(model, str) else repr(model))
-    limit = body.get("max_completion_tokens")
-    if limit is None:
-        limit = body.get("max_tokens")
-    explicit = _positive_int(limit)
+    explicit, largest, unreadable = _output_limits(body)
     choices = _positive_int(body.get("n")) or 1
     estimate = _count(settings, body, price, exact_count)
+
+    def prepared() -> Prepared:
+        result = Prepared(body, price, estimate, explicit, choices, largest, unreadable)
+        _check_representable(result)
+        return result
+
     if explicit is not None and estimate.tokens + explicit > price.context_window:
         if not estimate.exact and exact_count is not None and settings.exact_tokens != "never":
             try:
@@ -130,7 +167,7 @@ def prepare(
             except (openai.APIError, ExactCountUnavailable) as exc:
                 # Never refuse on an approximation alone: the server judges it, for free.
                 log_count_failure(exc)
-                return Prepared(body, price, estimate, explicit, choices)
+                return prepared()
         if estimate.tokens + explicit > price.context_window:
             raise ContextLengthExceededError(
                 model=price.model,
@@ -139,7 +176,35 @@ def prepare(
                 context_window=price.context_window,
                 exact=estimate.exact,
             )
-    return Prepared(body, price, estimate, explicit, choices)
+    return prepared()
+
+
+def _output_limits(body: Mapping[str, Any]) -> tuple[int | None, int | None, bool]:
+    """(smallest limit, largest limit, a limit was unreadable) of ``max_tokens`` and
+    ``max_completion_tokens``."""
+    readings: list[int] = []
+    unreadable = False
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        count = _positive_int(value)
+        if count is None:
+            unreadable = True
+        else:
+            readings.append(count)
+    if not readings:
+        return None, None, unreadable
+    return min(readings), max(readings), unreadable
+
+
+def _check_representable(prepared: Prepared) -> None:
+    if prepared.projected_nanos > _MAX_NANOS:
+        raise InvalidRequestError(
+            f"Refused before sending: n={prepared.choices} choices of up to "
+            f"{prepared.max_output} output tokens each is more than kimi-budget can reserve or "
+            f"record for {prepared.price.model}. Lower n (Moonshot accepts 1 to 5) or max_tokens."
+        )
 
 
 class ExactCountUnavailable(Exception):
@@ -192,7 +257,14 @@ def _count(
 
 
 def _positive_int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    """A count the server would read as a positive whole number (``5``, ``5.0``, ``"5"``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and value > 0:
         return value
     return None
 
@@ -208,7 +280,15 @@ def read_timeout(timeout: Any) -> float:
 
 
 class Call:
-    """One chat completion between its reservation and its settlement."""
+    """One chat completion between its reservation and its settlement.
+
+    The rule on unknown bills: a call that was sent and whose bill cannot be read (a stream
+    closed, dropped or never read before its usage; a timeout, cancellation or interrupt after
+    sending; a response without usage, or with usage that does not add up) is charged its full
+    reservation, flagged ``estimated`` with the reason in ``note``. The ledger replaces that
+    charge only with a real bill. Every attempt's reported usage (error bodies included) is
+    summed into the call.
+    """
 
     def __init__(
         self,
@@ -246,6 +326,9 @@ class Call:
         self.body_response: Any = None
         self.in_flight = False
         self.unanswered = 0  # attempts sent that got no answer (timeouts, dropped connections)
+        self._last_unanswered = False
+        # Bills of attempts that did not deliver the result (error bodies with usage).
+        self._reported: list[Usage] = []
         self._renew_at = time.monotonic() + (timeout + settings.reservation_margin) / 2
         self._settled = False
         self._lock = threading.Lock()
@@ -262,30 +345,53 @@ class Call:
             with contextlib.suppress(LedgerError):
                 self.settings.ledger.extend(self.reservation.call_id, expires)
 
-    def on_response(self, response: Any, streamed: bool) -> SseSniffer | BodySniffer | None:
-        """Note one HTTP attempt's response; returns a sniffer for a streamed 2xx body."""
+    def on_response(self, response: Any, streamed: bool) -> None:
+        """Note one HTTP attempt's response, and watch its body for the bill.
+
+        An error body's usage is read at once (the SDK's retry loop may close it unread). A
+        2xx body already read (not streamed, or read by an event hook of the caller's
+        ``http_client``) is kept for ``succeeded``; one still to be read gets a tee.
+        """
         self.in_flight = False
+        self._last_unanswered = False
         self.attempts += 1
         headers = response.headers
         self.request_id = (
             headers.get("msh-request-id") or headers.get("x-request-id") or self.request_id
         )
         if response.status_code >= 400:
-            return None
-        if not streamed:
+            self._note_error_body(response)
+            return
+        if not streamed or body_was_read(response):
             self.body_response = response
-            return None
+            if streamed:
+                # A streamed body someone read before us: its bill is already known.
+                self.streaming = True
+                self.stream_ended(_read_body_sniffer(response), "complete")
+            return
         self.streaming = True
-        encoding = headers.get("content-encoding")
-        if "event-stream" in headers.get("content-type", ""):
-            return SseSniffer(encoding)
-        return BodySniffer(encoding)
+        watch_body(response, self, new_sniffer(response))
+
+    def _note_error_body(self, response: Any) -> None:
+        if not body_was_read(response):
+            try:
+                response.read()
+            except Exception:  # an async body (read by the async client first), or torn
+                return
+        try:
+            data = json.loads(response.content)
+        except (ValueError, UnicodeDecodeError):
+            return
+        usage = _usage_in_error_body(data)
+        if usage is not None:
+            self._reported.append(usage)
 
     def on_transport_error(self, exc: BaseException) -> None:
         self.in_flight = False
         self.attempts += 1
         if was_sent(exc):
             self.unanswered += 1
+            self._last_unanswered = True
 
     def keep_alive(self) -> None:
         """A stream still flowing renews its reservation before it can expire under it."""
@@ -307,10 +413,11 @@ class Call:
         usage_raw = getattr(result, "usage", None)
         usage = read_usage(usage_raw) if usage_raw is not None else None
         response_id = getattr(result, "id", None) if usage is not None else None
-        problem = None
+        problem = None if usage is not None else describe_usage_problem(usage_raw)
         if usage is None and self.body_response is not None:
             usage, response_id, problem = _usage_of_body(self.body_response)
-        self._finish_with_usage(usage, response_id, problem, status="ok")
+        self.request_id = self.request_id or (response_id if isinstance(response_id, str) else None)
+        self._finish("ok", usage, problem)
 
     def failed(self, exc: BaseException) -> None:
         """The call raised before a body reached the caller."""
@@ -318,132 +425,122 @@ class Call:
             # A 2xx body arrived (so it was billed) but the SDK could not hand it over.
             usage, response_id, problem = _usage_of_body(self.body_response)
             self.request_id = self.request_id or response_id
-            self._finish_with_usage(usage, response_id, problem or _describe(exc), status="error")
+            self._finish("error", usage, problem, error=_describe(exc))
         elif isinstance(exc, openai.APIStatusError):
             reason = f"HTTP {exc.status_code} {error_type(exc) or ''}: {exc.message}"
-            usage = _usage_in_error(exc)
-            self._settle("error", usage, estimated=False, error=reason)
-        elif self.unanswered:
-            # A request that timed out or lost its connection after it was sent may have been
-            # billed: charge the prompt's estimate, flagged, rather than $0.
-            self._estimate("error", output_tokens=0, error=_describe(exc))
+            self._settle("error", error=reason)
+        elif self._last_unanswered:
+            # Sent, and no answer: the server may have generated (and billed) all of it.
+            self._settle(
+                "error",
+                unknown="the request was sent but no answer came back",
+                error=_describe(exc),
+            )
         elif isinstance(exc, openai.OpenAIError):  # never sent (connection refused, ...)
-            self._settle("error", None, estimated=False, error=_describe(exc))
+            self._settle("error", error=_describe(exc))
         elif self.in_flight:
-            # Interrupted (Ctrl-C, task cancelled) while a request was on the wire: the
-            # server may bill the prompt, so charge its estimate.
-            self._estimate("interrupted", output_tokens=0, error=_describe(exc))
+            # Interrupted (Ctrl-C, task cancelled) while a request was on the wire.
+            self.in_flight = False
+            self._settle(
+                "interrupted",
+                unknown=f"interrupted ({type(exc).__name__}) after the request was sent",
+                error=_describe(exc),
+            )
         else:
             status = "cancelled" if self.attempts == 0 else "error"
-            self._settle(status, None, estimated=False, error=_describe(exc))
+            self._settle(status, error=_describe(exc))
 
     def stream_ended(
         self, sniffer: SseSniffer | BodySniffer, how: str, exc: BaseException | None = None
     ) -> None:
         """A streamed body finished (``complete``), was closed early, failed, or was collected."""
         if isinstance(sniffer, BodySniffer):
-            usage, response_id, problem = (
-                sniffer.result() if how == "complete" else (None, None, None)
-            )
             if how != "complete":
-                # A whole response was generated (and billed) before its headers arrived:
-                # charge the worst case, flagged, since its usage was never read.
-                self._estimate(
+                self._settle(
                     "abandoned",
-                    output_tokens=self.prepared.max_output * self.prepared.choices,
-                    note="the response body was not read; cost estimated at the worst case",
-                    warn=True,
+                    unknown="the response body was closed before it was read",
                 )
                 return
-            self._finish_with_usage(usage, response_id, problem, status="ok")
+            usage, response_id, problem = sniffer.result()
+            self.request_id = self.request_id or response_id
+            self._finish("ok", usage, problem)
             return
         sniffer.finish()
         if how == "closed" and sniffer.done:
             how = "complete"  # the SDK closes the response as soon as it reads [DONE]
-        problem = "; ".join(sniffer.problems) or None
-        if sniffer.usage is not None:
-            self._finish_with_usage(sniffer.usage, sniffer.response_id, problem, status="ok")
-            return
-        if how == "complete":
-            status, note = "ok", "the stream ended without usage"
-        elif how == "failed":
-            status, note = (
-                "error",
-                f"the stream failed midway ({_describe(exc) if exc else 'unknown'})",
-            )
-        else:
-            status, note = "abandoned", "the stream was closed before its usage arrived"
-        if sniffer.undecodable:
-            note += "; its encoding could not be read"
         self.request_id = self.request_id or sniffer.response_id
-        self._estimate(
-            status,
-            output_tokens=sniffer.chunks,
-            note=f"{note}; cost estimated from the prompt and {sniffer.chunks} chunks seen"
-            + (f"; {problem}" if problem else ""),
-            error=note if status == "error" else None,
-            warn=how == "complete" or problem is not None,
+        problems = "; ".join(sniffer.problems) or None
+        if sniffer.usage is not None and not sniffer.bad_usage:
+            self._finish("ok", sniffer.usage, None)
+            return
+        if sniffer.usage is not None or sniffer.bad_usage:
+            status, reason = ("ok" if how == "complete" else "abandoned"), problems
+        elif how == "complete":
+            status, reason = "ok", "the stream ended without usage"
+        elif how == "failed":
+            detail = _describe(exc) if exc else "unknown"
+            status, reason = "error", f"the stream failed before its usage arrived ({detail})"
+        elif how == "collected":
+            status, reason = "abandoned", "the stream was dropped before its usage arrived"
+        else:
+            status, reason = "abandoned", "the stream was closed before its usage arrived"
+        if sniffer.undecodable:
+            reason = f"{reason}; its body could not be decoded"
+        elif problems and problems != reason:
+            reason = f"{reason}; {problems}"
+        self._settle(
+            status, unknown=reason or "unknown", error=reason if status == "error" else None
         )
 
-    def _finish_with_usage(
-        self,
-        usage: Usage | None,
-        response_id: str | None,
-        problem: str | None,
-        *,
-        status: str,
+    def _finish(
+        self, status: str, usage: Usage | None, problem: str | None, *, error: str | None = None
     ) -> None:
-        self.request_id = self.request_id or response_id
         if usage is None:
-            self._estimate(
-                status,
-                output_tokens=0,
-                note=f"{problem or 'no usage in the response'}; cost estimated from the request",
-                warn=True,
-            )
-            return
-        note = "; ".join(usage.problems) or None
-        self._settle(status, usage, estimated=False, note=note, warn=bool(note))
-
-    def _estimate(
-        self,
-        status: str,
-        *,
-        output_tokens: int,
-        note: str | None = None,
-        error: str | None = None,
-        warn: bool = False,
-    ) -> None:
-        usage = Usage(self.prepared.estimate.tokens, 0, output_tokens)
-        self._settle(status, usage, estimated=True, note=note, error=error, warn=warn)
+            self._settle(status, unknown=problem or "no usage in the response", error=error)
+        else:
+            self._settle(status, usage, error=error)
 
     def _settle(
         self,
         status: str,
-        usage: Usage | None,
+        usage: Usage | None = None,
         *,
-        estimated: bool,
-        note: str | None = None,
+        unknown: str | None = None,
         error: str | None = None,
-        warn: bool = False,
     ) -> None:
+        """Record the call: ``usage`` of the last attempt if known; ``unknown`` says why the
+        last attempt's bill is not known (it is then charged the full reservation)."""
         with self._lock:
             if self._settled:
                 return
             self._settled = True
-        price = self.prepared.price
-        cost = 0
+        bills = list(self._reported)
         if usage is not None:
-            cost = price.cost_nanos(
-                usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens
-            )
+            bills.append(usage)
+        reasons: list[str] = []
+        # Attempts sent without an answer before the last one: each may have been billed.
+        earlier = self.unanswered - (1 if self._last_unanswered and unknown else 0)
+        if earlier > 0:
+            reasons.append(f"{earlier} earlier attempt(s) sent without an answer")
+        if unknown:
+            reasons.append(unknown)
+        worst = Usage(self.prepared.estimate.tokens, 0, self._worst_output())
+        bills += [worst] * (earlier + (1 if unknown else 0))
+        price = self.prepared.price
+        prompt = sum(b.prompt_tokens for b in bills)
+        cached = sum(b.cached_tokens for b in bills)
+        completion = sum(b.completion_tokens for b in bills)
+        estimated = bool(reasons)
+        note = None
+        if estimated:
+            note = "; ".join(reasons) + "; charged the full reservation"
         settlement = Settlement(
             reservation=self.reservation,
             status=status,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            cached_tokens=usage.cached_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            cost_nanos=cost,
+            prompt_tokens=prompt if bills else None,
+            cached_tokens=cached if bills else None,
+            completion_tokens=completion if bills else None,
+            cost_nanos=price.cost_nanos(prompt, cached, completion) if bills else 0,
             estimated=estimated,
             attempts=self.attempts,
             finished_at=self.settings.now(),
@@ -456,30 +553,44 @@ class Call:
             self.settings.ledger.settle(settlement)
         except LedgerError as exc:
             self.settings.ledger.write_fallback(settlement, exc)
-        # Warn only once the call is recorded: under -W error the warning is an exception.
-        if warn and settlement.note:
-            import warnings
-
-            # The redacted note: a response that echoes the API key must not carry it out here.
-            warnings.warn(
-                f"kimi-budget: {self.reservation.model} call {self.reservation.call_id}: "
-                f"{settlement.note}.",
-                RuntimeWarning,
-                stacklevel=4,
+        if settlement.note:
+            # A runtime event, not a programming error: logged (never warned), and kept in the
+            # row's ``estimated`` flag and ``note``. The note is redacted.
+            log.warning(
+                "kimi-budget: %s call %s: %s",
+                self.reservation.model,
+                self.reservation.call_id,
+                settlement.note,
             )
+
+    def _worst_output(self) -> int:
+        return self.prepared.max_output * self.prepared.choices
+
+
+def _read_body_sniffer(response: Any) -> SseSniffer | BodySniffer:
+    """A sniffer fed with a body already read (and decoded) by the HTTP library."""
+    sniffer: SseSniffer | BodySniffer = (
+        SseSniffer()
+        if "event-stream" in response.headers.get("content-type", "")
+        else BodySniffer()
+    )
+    try:
+        sniffer.feed(response.content)
+    except Exception:
+        sniffer.undecodable = True
+    return sniffer
 
 
 def _usage_of_body(response: Any) -> tuple[Usage | None, str | None, str | None]:
     try:
         data = json.loads(response.content)
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         return None, None, "the response body is not JSON"
     return usage_from_body(data)
 
 
-def _usage_in_error(exc: openai.APIStatusError) -> Usage | None:
-    body = exc.body if isinstance(exc.body, dict) else None
-    if body is None:
+def _usage_in_error_body(body: Any) -> Usage | None:
+    if not isinstance(body, dict):
         return None
     raw = body.get("usage")
     if raw is None and isinstance(body.get("error"), dict):

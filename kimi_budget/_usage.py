@@ -3,18 +3,33 @@
 Moonshot puts ``cached_tokens`` at the top level of ``usage`` (newer models may use OpenAI's
 ``prompt_tokens_details.cached_tokens``), and in streams puts ``usage`` inside the final choice
 rather than in a chunk of its own. Responses can also be malformed; nothing here raises on bad
-input: it returns what it could read and says what was wrong in ``problems``.
+input. A usage object that is missing or malformed (a count that is not a whole number in range,
+``cached_tokens`` above ``prompt_tokens``) is an unknown bill: it reads as ``None``, and
+``describe_usage_problem`` says why, so that the call is charged its full reservation.
+
+Bodies are read decoded: ``content_decoder`` builds the HTTP library's own decoder for the
+response's ``Content-Encoding`` (gzip, deflate, and brotli or zstd when installed), so whatever
+the caller can read, so can we.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BodySniffer", "SseSniffer", "Usage", "read_usage", "usage_from_body"]
+__all__ = [
+    "BodySniffer",
+    "SseSniffer",
+    "Usage",
+    "content_decoder",
+    "describe_usage_problem",
+    "read_usage",
+    "usage_from_body",
+]
 
 # No request can bill more tokens than this; a larger figure is a malformed response.
 _MAX_SANE_TOKENS = 100_000_000
@@ -55,11 +70,11 @@ class _ModelView:
 
 
 def read_usage(raw: Any) -> Usage | None:
-    """A ``usage`` object (dict or SDK model) as ``Usage``; None if it is absent or unusable.
+    """A ``usage`` object (dict or SDK model) as ``Usage``; None if it is absent or malformed.
 
-    Prompt and completion counts must be whole numbers in a sane range. A missing or malformed
-    ``cached_tokens`` counts as no cache hits (the dearer reading), and ``cached_tokens`` above
-    ``prompt_tokens`` is clamped, both noted in ``problems``.
+    Prompt and completion counts must be whole numbers in a sane range; ``cached_tokens`` (top
+    level, or OpenAI's ``prompt_tokens_details``) may be absent (no cache hits) but, when
+    given, must be a count no larger than ``prompt_tokens``. Anything else is an unknown bill.
     """
     if raw is None:
         return None
@@ -73,7 +88,6 @@ def read_usage(raw: Any) -> Usage | None:
     completion = _as_count(raw.get("completion_tokens"))
     if prompt is None or completion is None:
         return None
-    problems: list[str] = []
     cached_raw = raw.get("cached_tokens")
     if cached_raw is None:
         details = raw.get("prompt_tokens_details")
@@ -82,19 +96,23 @@ def read_usage(raw: Any) -> Usage | None:
     cached = 0
     if cached_raw is not None:
         parsed = _as_count(cached_raw)
-        if parsed is None:
-            problems.append(f"cached_tokens {cached_raw!r} is not a token count; counted as 0")
-        elif parsed > prompt:
-            problems.append(f"cached_tokens {parsed} > prompt_tokens {prompt}; clamped")
-            cached = prompt
-        else:
-            cached = parsed
-    return Usage(prompt, cached, completion, problems)
+        if parsed is None or parsed > prompt:
+            return None
+        cached = parsed
+    return Usage(prompt, cached, completion)
 
 
-def _describe_bad_usage(raw: Any) -> str:
-    text = json.dumps(raw, default=str)[:200] if raw is not None else "missing"
-    return f"usage {text} is malformed"
+def describe_usage_problem(raw: Any) -> str:
+    """Why ``read_usage(raw)`` could not read a bill, in words for the ledger's note."""
+    if raw is None:
+        return "the response carried no usage"
+    if isinstance(raw, Mapping):
+        text = json.dumps(raw, default=str)[:200]
+    elif hasattr(raw, "model_extra"):
+        text = repr(raw)[:200]
+    else:
+        text = repr(raw)[:200]
+    return f"the response's usage {text} is malformed"
 
 
 def usage_from_body(data: Any) -> tuple[Usage | None, str | None, str | None]:
@@ -105,30 +123,39 @@ def usage_from_body(data: Any) -> tuple[Usage | None, str | None, str | None]:
     raw = data.get("usage")
     usage = read_usage(raw)
     if usage is None:
-        return None, response_id, _describe_bad_usage(raw)
+        return None, response_id, describe_usage_problem(raw)
     return usage, response_id, None
 
 
 class BodySniffer:
     """Collects a JSON body that streams through us (``with_streaming_response``)."""
 
-    def __init__(self, content_encoding: str | None) -> None:
+    def __init__(self, decoder: Any = None) -> None:
         self._parts: list[bytes] = []
         self._size = 0
-        self._decoder = _decoder(content_encoding)
-        self.undecodable = self._decoder is False
+        self._decoder = decoder
+        self.undecodable = False
 
     def feed(self, data: bytes) -> None:
         if self.undecodable or self._size > _MAX_JSON_BODY:
             return
-        if self._decoder:
-            data = self._decoder.decompress(data)  # type: ignore[union-attr]
+        if self._decoder is not None:
+            data = self._decoder.decode(data)
         self._size += len(data)
         self._parts.append(data)
 
+    def finish(self) -> None:
+        if self._decoder is not None and not self.undecodable:
+            decoder, self._decoder = self._decoder, None
+            try:
+                self.feed(decoder.flush())
+            except Exception:
+                self.undecodable = True
+
     def result(self) -> tuple[Usage | None, str | None, str | None]:
+        self.finish()
         if self.undecodable:
-            return None, None, "the response body is compressed in an encoding we cannot read"
+            return None, None, "the response body could not be decoded"
         try:
             data = json.loads(b"".join(self._parts))
         except ValueError:
@@ -145,21 +172,21 @@ class SseSniffer:
     seen wins.
     """
 
-    def __init__(self, content_encoding: str | None) -> None:
+    def __init__(self, decoder: Any = None) -> None:
         self.usage: Usage | None = None
         self.response_id: str | None = None
         self.chunks = 0
         self.done = False
         self.problems: list[str] = []
         self._tail = b""
-        self._decoder = _decoder(content_encoding)
-        self.undecodable = self._decoder is False
+        self._decoder = decoder
+        self.undecodable = False
 
     def feed(self, data: bytes) -> None:
         if self.undecodable:
             return
-        if self._decoder:
-            data = self._decoder.decompress(data)  # type: ignore[union-attr]
+        if self._decoder is not None:
+            data = self._decoder.decode(data)
         if not data:
             return
         buffer = self._tail + data if self._tail else data
@@ -216,22 +243,64 @@ class SseSniffer:
                 continue
             usage = read_usage(raw)
             if usage is None:
-                self.problems.append(_describe_bad_usage(raw))
+                self.problems.append(describe_usage_problem(raw))
+                self.bad_usage = True
             else:
                 self.usage = usage
 
+    bad_usage = False  # a usage object was seen and could not be read: the bill is unknown
+
     def finish(self) -> None:
+        if self._decoder is not None and not self.undecodable:
+            decoder, self._decoder = self._decoder, None
+            with contextlib.suppress(Exception):
+                self.feed(decoder.flush())
         if self._tail.strip():
             self.feed(b"\n")
 
 
-def _decoder(content_encoding: str | None) -> Any:
-    """A zlib decompressor for the body's encoding; None for identity; False if unsupported."""
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding in ("", "identity"):
+def content_decoder(response: Any) -> Any:
+    """A fresh decoder for ``response``'s body, from the response's own HTTP library.
+
+    It is the decoder that library would use for the caller (``decode(bytes)``, ``flush()``),
+    so brotli and zstd are read whenever the caller can read them. None for an identity body.
+    """
+    encoding = response.headers.get("content-encoding")
+    if not encoding or encoding.strip().lower() in ("", "identity"):
         return None
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return zlib.decompressobj()
-    return False
+    try:
+        # The library's private factory, on a blank response of the same class and encoding.
+        blank = type(response)(200, headers={"content-encoding": encoding})
+        return blank._get_content_decoder()
+    except Exception:
+        try:
+            return _ZlibDecoder(encoding)
+        except ValueError:
+            return _Undecodable()
+
+
+class _ZlibDecoder:
+    """gzip and deflate, for a response class without the usual decoder factory."""
+
+    def __init__(self, encoding: str) -> None:
+        name = encoding.strip().lower()
+        if name in ("gzip", "x-gzip"):
+            self._inner: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif name == "deflate":
+            self._inner = zlib.decompressobj()
+        else:
+            raise ValueError(f"cannot decode Content-Encoding {encoding!r}")
+
+    def decode(self, data: bytes) -> bytes:
+        return bytes(self._inner.decompress(data))
+
+    def flush(self) -> bytes:
+        return bytes(self._inner.flush())
+
+
+class _Undecodable:
+    def decode(self, data: bytes) -> bytes:
+        raise ValueError("undecodable body")
+
+    def flush(self) -> bytes:
+        return b""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import httpx
@@ -99,3 +100,21 @@ def error(status: int, error_type: str, message: str, **headers: str) -> httpx.R
 
 def sent_body(route: Any, index: int = -1) -> dict[str, Any]:
     return json.loads(route.calls[index].request.content)  # type: ignore[no-any-return]
+
+
+class LogCapture(logging.Handler):
+    """Messages logged by kimi-budget (logger ``kimi_budget``) at WARNING or above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> list[str]:
+        logging.getLogger("kimi_budget").addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("kimi_budget").removeHandler(self)

@@ -15,7 +15,7 @@ import respx
 
 import kimi_budget as kb
 from tests.conftest import KEY, MOCK_BASE_URL
-from tests.helpers import completion, error, sent_body, sse_response, stream_chunks
+from tests.helpers import LogCapture, completion, error, sent_body, sse_response, stream_chunks
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -162,15 +162,16 @@ def test_stream_without_usage_is_flagged(
     moonshot_mock.post("/chat/completions").mock(
         return_value=sse_response(stream_chunks(["a", "b", "c"], usage=None))
     )
-    with pytest.warns(RuntimeWarning, match="without usage"):
+    with LogCapture() as logged:
         for _ in mocked_client.chat.completions.create(
             model="kimi-k2.5", messages=MESSAGES, max_tokens=100, stream=True
         ):
             pass
     [row] = rows(mocked_client)
     assert row["status"] == "ok" and row["estimated"] == 1
-    assert "without usage" in row["note"]
-    assert row["completion_tokens"] >= 3
+    assert "without usage" in row["note"] and "full reservation" in row["note"]
+    assert row["cost_nanos"] == row["projected_nanos"] and row["completion_tokens"] == 100
+    assert any("without usage" in message for message in logged)
 
 
 def test_raw_and_streaming_responses_are_recorded(
