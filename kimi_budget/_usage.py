@@ -271,12 +271,30 @@ def content_decoder(response: Any) -> Any:
     try:
         # The library's private factory, on a blank response of the same class and encoding.
         blank = type(response)(200, headers={"content-encoding": encoding})
-        return blank._get_content_decoder()
+        return _Joined(blank._get_content_decoder())
     except Exception:
         try:
             return _ZlibDecoder(encoding)
         except ValueError:
             return _Undecodable()
+
+
+class _Joined:
+    """A library decoder whose ``decode``/``flush`` return bytes (httpx) or iterate them
+    (httpx2), as bytes."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def decode(self, data: bytes) -> bytes:
+        return _bytes(self._inner.decode(data))
+
+    def flush(self) -> bytes:
+        return _bytes(self._inner.flush())
+
+
+def _bytes(result: Any) -> bytes:
+    return result if isinstance(result, bytes) else b"".join(result)
 
 
 class _ZlibDecoder:

@@ -334,9 +334,7 @@ def _parse_price_text(
         return f"{path}:{_line_of(lines, model, key)}"
 
     return {
-        name: _parse_entry(
-            name, entry, base=None, source=source, locate=locate, currency=currency
-        )
+        name: _parse_entry(name, entry, base=None, source=source, locate=locate, currency=currency)
         for name, entry in models.items()
     }
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from ._core import StandInCore
+from ._encoding import Encoder
 from ._faults import _DEFAULT_MESSAGES, _RATE_LIMIT_MESSAGE, OMIT, Fault
 from ._models import (
     _STREAM_FLUSH_BYTES,
@@ -94,7 +95,13 @@ class ChatEndpoint(StandInCore):
         if fault is not None and fault.kind == "http_error":
             message = fault.message or _DEFAULT_MESSAGES.get(fault.error_type or "", "")
             message = message.replace("{model}", str(model_hint))
-            raise _HTTPError(fault.status, fault.error_type, message, fault.headers)
+            usage = None if fault.usage is OMIT else fault.usage
+            if usage is not None:
+                billed = {"cached_tokens": 0, **usage}
+                rec.usage = billed
+                with self._lock:
+                    self.billed.append(billed)
+            raise _HTTPError(fault.status, fault.error_type, message, fault.headers, usage)
         if fault is not None and fault.kind == "html":
             page = (
                 b"<!DOCTYPE html><html><head><title>Moonshot</title></head><body>"
@@ -461,7 +468,9 @@ class ChatEndpoint(StandInCore):
             if h.waited and _peer_closed(h.connection):
                 raise _ClientGone
             # The head rides with the first chunk: one segment until time-to-first-token.
-            buf = bytearray(self._head(h, rec, 200, "text/event-stream", None, None))
+            encoder = Encoder(h.encoding) if h.encoding is not None else None
+            extra = {"Content-Encoding": h.encoding} if h.encoding is not None else None
+            buf = bytearray(self._head(h, rec, 200, "text/event-stream", extra, None))
             framed = len(buf)  # bytes at the start of buf that are already HTTP framing
             flush_each = self.chunk_delay > 0
             for sent, (event, tokens) in enumerate(content_events(), start=1):
@@ -473,14 +482,14 @@ class ChatEndpoint(StandInCore):
                 generated += tokens
                 # The first chunk goes out at once so time-to-first-token is realistic.
                 if flush_each or sent == 1 or len(buf) >= _STREAM_FLUSH_BYTES:
-                    self._write(h, _frame(buf, framed))
+                    self._write(h, _frame(buf, framed, encoder))
                     buf.clear()
                     framed = 0
                     if flush_each:
                         time.sleep(self.chunk_delay)
             if kind == "drop":
                 if buf:
-                    self._write(h, _frame(buf, framed))
+                    self._write(h, _frame(buf, framed, encoder))
                 rec.usage, _ = self._usage(
                     prompt, generated, cached, stream=True, written=rec.cache_write_tokens
                 )
@@ -514,7 +523,7 @@ class ChatEndpoint(StandInCore):
                 rec.reported_usage = usage
                 with self._lock:
                     self.billed.append(billed)
-            data = _frame(buf, framed) + b"0\r\n\r\n"
+            data = _frame(buf, framed, encoder, last=True) + b"0\r\n\r\n"
             rec.duration = time.perf_counter() - h.started
             try:
                 self._write(h, data)

@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._encoding import ENCODINGS, Encoder, accepts
 from ._faults import Fault
 from ._models import (
     _USAGE_STYLES,
@@ -69,6 +70,7 @@ class StandInCore:
         cache_write_field: str | None = "prompt_tokens_details.cache_write_tokens",
         retired: Sequence[str] = (),
         auto_complete_batches: bool = True,
+        content_encoding: str | None = None,
     ) -> None:
         """
         Args:
@@ -106,6 +108,8 @@ class StandInCore:
             retired: models that answer 404 ``resource_not_found_error``, as retired ones do.
             auto_complete_batches: a batch runs on its first retrieve after creation
                 (otherwise only when ``complete_batch(id)`` is called).
+            content_encoding: compress response bodies (``"gzip"``, ``"deflate"`` or ``"br"``)
+                for requests whose ``Accept-Encoding`` lists it.
         """
         if usage_style not in _USAGE_STYLES:
             raise ValueError(f"usage_style must be one of {_USAGE_STYLES}, not {usage_style!r}")
@@ -145,6 +149,9 @@ class StandInCore:
         self.batches: dict[str, dict[str, Any]] = {}
         self.batch_billed: list[dict[str, int]] = []
         """Usage of every batch request run: what Moonshot bills (at the batch price)."""
+        if content_encoding is not None and content_encoding not in ENCODINGS:
+            raise ValueError(f"content_encoding must be one of {ENCODINGS}")
+        self.content_encoding = content_encoding
 
         self.requests: list[RecordedRequest] = []
         self.billed: list[dict[str, int]] = []
@@ -211,6 +218,12 @@ class StandInCore:
             length = 0
             h.close_connection = True  # the body's end is unknown: this connection is done
         raw = h.rfile.read(length) if length > 0 else b""
+        h.encoding = (
+            self.content_encoding
+            if self.content_encoding
+            and accepts(headers.get("Accept-Encoding"), self.content_encoding)
+            else None
+        )
         body: Any = None
         bad_json = False
         if raw:
@@ -345,6 +358,9 @@ class StandInCore:
         content_type: str = "application/json; charset=utf-8",
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        if h.encoding is not None:
+            payload = Encoder(h.encoding).whole(payload)
+            headers = {**(headers or {}), "Content-Encoding": h.encoding}
         # One write per response: headers and body in the same TCP segment.
         data = self._head(h, rec, status, content_type, headers, len(payload)) + payload
         # Set before the write, so a client that got the response always sees it.
@@ -363,5 +379,7 @@ class StandInCore:
             )
             self._send(h, rec, err.status, page.encode(), "text/html", err.headers)
             return
-        body = {"error": {"type": err.error_type, "message": err.message}}
+        body: dict[str, Any] = {"error": {"type": err.error_type, "message": err.message}}
+        if err.usage is not None:
+            body["usage"] = err.usage  # an error that still billed what it generated
         self._send(h, rec, err.status, _dumps(body), headers=err.headers)

@@ -61,7 +61,8 @@ class Fault:
     - ``ok`` / ``delay``: a normal answer (after ``delay`` seconds).
     - ``http_error``: ``status`` with Moonshot's JSON error body of ``error_type`` (an empty
       ``message`` takes Moonshot's usual one); ``error_type=None`` sends a gateway's HTML page
-      instead. Only ``headers`` are added: real 429s carry no ``Retry-After``.
+      instead. Only ``headers`` are added: real 429s carry no ``Retry-After``. With ``usage``,
+      the error body reports it and it is billed (a generation that failed after it ran).
     - ``drop``: a stream sends ``drop_after_chunks`` data events (the role chunk counts) and the
       connection closes: no final usage, no ``[DONE]``. A non-stream request gets no response.
     - ``html``: status 200 with ``Content-Type: text/html`` (a captive portal or proxy page).
@@ -93,9 +94,15 @@ class Fault:
         message: str = "",
         *,
         headers: Mapping[str, str] | None = None,
+        usage: Mapping[str, int] | None = None,
     ) -> Fault:
         return cls(
-            "http_error", status=status, error_type=error_type, message=message, headers=headers
+            "http_error",
+            status=status,
+            error_type=error_type,
+            message=message,
+            headers=headers,
+            usage=OMIT if usage is None else dict(usage),
         )
 
     @classmethod

@@ -40,6 +40,7 @@ _SECRET_HEADERS: Final = frozenset(
     {"authorization", "proxy-authorization", "api-key", "x-api-key", "cookie"}
 )
 
+
 @dataclass(eq=False)
 class RecordedRequest:
     """One HTTP request as the server saw it. Credentials are never recorded."""
@@ -83,12 +84,14 @@ class _HTTPError(Exception):
         error_type: str | None,
         message: str,
         headers: Mapping[str, str] | None = None,
+        usage: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.headers = headers
+        self.usage = usage
 
 
 class _ClientGone(Exception):
@@ -104,12 +107,17 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
-def _frame(buf: bytearray, framed: int) -> bytes:
-    """``buf`` as one HTTP chunk; its first ``framed`` bytes are already framing (headers)."""
-    body = buf[framed:]
+def _frame(buf: bytearray, framed: int, encoder: Any = None, last: bool = False) -> bytes:
+    """``buf`` as one HTTP chunk; its first ``framed`` bytes are already framing (headers).
+
+    With an ``encoder`` (``_encoding.Encoder``) the body is compressed, and ``last`` ends the
+    compressed stream."""
+    body: bytes = bytes(buf[framed:])
+    if encoder is not None:
+        body = encoder.chunk(body) + (encoder.end() if last else b"")
     if not body:
-        return bytes(buf)
-    return bytes(buf[:framed]) + b"%x\r\n" % len(body) + bytes(body) + b"\r\n"
+        return bytes(buf[:framed])
+    return bytes(buf[:framed]) + b"%x\r\n" % len(body) + body + b"\r\n"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -166,6 +174,7 @@ class _Handler(BaseHTTPRequestHandler):
             super().finish()
 
     started = 0.0
+    encoding: str | None = None  # the Content-Encoding of this request's response body
     waited = False  # set once the request slept or ran a hook: the client may have gone
 
     def parse_request(self) -> bool:
