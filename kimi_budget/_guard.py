@@ -16,7 +16,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,7 +38,7 @@ from ._usage import (
     read_usage,
     usage_from_body,
 )
-from .ledger import Ledger, Reservation, Settlement
+from .ledger import Ledger, Reservation, Settlement, new_call_id
 from .pricing import ModelPrice, PriceTable
 
 __all__ = ["ACTIVE_CALL", "Call", "GuardSettings", "Prepared", "is_chat_completion", "prepare"]
@@ -308,7 +307,7 @@ class Call:
         now = settings.now()
         price = prepared.price
         self.reservation = Reservation(
-            call_id=uuid.uuid4().hex,
+            call_id=new_call_id(),
             model=price.model,
             tags=dict(tags),
             created_at=now,

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from ._backend import Ledger, default_ledger_path, expired_settlement
-from ._records import Reservation, Settlement, WindowStatus
+from ._records import Reservation, Settlement, WindowStatus, new_call_id
 
 __all__ = [
     "Ledger",
@@ -27,6 +27,7 @@ __all__ = [
     "default_ledger_path",
     "expired_settlement",
     "is_server_url",
+    "new_call_id",
 ]
 
 _SERVER_SCHEMES = ("postgresql://", "postgres://")

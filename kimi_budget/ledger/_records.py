@@ -7,6 +7,8 @@ carries its reservation so that a line of the fallback file stands alone.
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -14,7 +16,14 @@ from decimal import Decimal
 
 from .._budget import format_utc, parse_utc
 
-__all__ = ["CURRENCIES", "STATUSES", "Reservation", "Settlement", "WindowStatus"]
+__all__ = [
+    "CURRENCIES",
+    "STATUSES",
+    "Reservation",
+    "Settlement",
+    "WindowStatus",
+    "new_call_id",
+]
 
 CURRENCIES = ("USD", "CNY")
 # "pending" is a reservation in flight; every other status is a settled call.
@@ -105,3 +114,24 @@ class WindowStatus:
     @property
     def remaining_usd(self) -> Decimal:
         return max(self.limit_usd - self.spent_usd - self.reserved_usd, Decimal(0))
+
+
+def new_call_id() -> str:
+    """A new call id: a UUIDv7 as 32 hex digits, so ids sort by creation time.
+
+    48 bits of Unix milliseconds, 12 bits of the sub-millisecond fraction (RFC 9562, method 3),
+    and 62 random bits. Each new row then lands at the end of the ledger's unique index on
+    ``call_id`` instead of on a random page of it; ids stay unique across processes and
+    machines (``random`` is reseeded in a forked child).
+    """
+    ns = time.time_ns()
+    ms, rest = divmod(ns, 1_000_000)
+    fraction = rest * 4096 // 1_000_000
+    value = (
+        (ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | fraction << 64
+        | 0b10 << 62
+        | random.getrandbits(62)
+    )
+    return f"{value:032x}"
