@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ CAPS = dict(
     total="1000000000",
 )
 TAGS = {"project": "bench", "team": "perf"}
+# Only the loopback stand-in ever sees it.
+KEY = "sk-bench-0000000000000000"
 
 
 def make_budget() -> Any:
@@ -252,8 +253,15 @@ _MODELS = [  # (model, share, price per token in nano-dollars: cache hit, miss, 
 ]
 _PROJECTS = ["bench", "crawler", "chatbot", "eval", "docs"]
 # Bump when the rows below or the ledger's schema change, so cached templates are rebuilt
-# (3: the usage rollup of migration m002).
-_BUILD_VERSION = 3
+# (3: the usage rollup of migration m002; 4: time-ordered call ids).
+_BUILD_VERSION = 4
+
+
+def _call_id(created: datetime, rng: random.Random) -> str:
+    """A UUIDv7 of ``created`` (the shape of ``kimi_budget.ledger.new_call_id``)."""
+    ms = int(created.timestamp() * 1000)
+    value = ms << 80 | 0x7 << 76 | rng.getrandbits(12) << 64 | 2 << 62 | rng.getrandbits(62)
+    return f"{value:032x}"
 
 
 def _rows(count: int, start: datetime, end: datetime, seed: int) -> Iterator[tuple[Any, ...]]:
@@ -275,7 +283,7 @@ def _rows(count: int, start: datetime, end: datetime, seed: int) -> Iterator[tup
         cost = (cached * hit + (prompt - cached) * miss + completion * out) if ok else 0
         project = _PROJECTS[i % len(_PROJECTS)]
         yield (
-            f"{rng.getrandbits(128):032x}",
+            _call_id(created, rng),
             format_utc(created),
             format_utc(created + timedelta(milliseconds=rng.randint(300, 9000))),
             model,
@@ -455,5 +463,41 @@ class StageTimer:
         return statistics.median(sum(c.values()) for c in self.calls) / 1000 if self.calls else 0.0
 
 
-def new_call_id() -> str:
-    return uuid.uuid4().hex
+def cycle(
+    ledger: Any, budgets: tuple[Any, ...], tags: dict[str, str] | None = None
+) -> tuple[int, int]:
+    """One call's ledger work: check and reserve, then settle. Returns both durations (ns)."""
+    from kimi_budget.ledger import Reservation, Settlement, new_call_id
+
+    now = datetime.now(UTC)
+    reservation = Reservation(
+        call_id=new_call_id(),
+        model=MODEL,
+        tags=TAGS if tags is None else tags,
+        created_at=now,
+        expires_at=now + timedelta(seconds=660),
+        projected_nanos=250_000,
+        prompt_estimate=40,
+        price_cache_hit=100,
+        price_cache_miss=600,
+        price_output=3000,
+    )
+    started = time.perf_counter_ns()
+    ledger.reserve(reservation, budgets)
+    reserved = time.perf_counter_ns()
+    settlement = Settlement(
+        reservation=reservation,
+        status="ok",
+        prompt_tokens=40,
+        cached_tokens=0,
+        completion_tokens=35,
+        cost_nanos=40 * 600 + 35 * 3000,
+        estimated=False,
+        attempts=1,
+        finished_at=datetime.now(UTC),
+        request_id="chatcmpl-bench",
+        latency_ms=1,
+    )
+    settling = time.perf_counter_ns()
+    ledger.settle(settlement)
+    return reserved - started, time.perf_counter_ns() - settling

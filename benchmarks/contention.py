@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     CAPS,
-    MODEL,
     TAGS,
     Sample,
     check_totals,
+    cycle,
     fmt_us,
     make_budget,
     remove_ledger,
@@ -42,7 +41,6 @@ def _worker(barrier: Any, results: Any, worker: int, path: str, seconds: float) 
     import sqlite3
 
     import kimi_budget as kb
-    from kimi_budget.ledger import Reservation, Settlement
 
     ledger = kb.Ledger(path)
     budgets = (make_budget(),)
@@ -53,35 +51,8 @@ def _worker(barrier: Any, results: Any, worker: int, path: str, seconds: float) 
     barrier.wait()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        now = datetime.now(UTC)
-        reservation = Reservation(
-            call_id=uuid.uuid4().hex,
-            model=MODEL,
-            tags=tags,
-            created_at=now,
-            expires_at=now + timedelta(seconds=660),
-            projected_nanos=250_000,
-            prompt_estimate=40,
-            price_cache_hit=100,
-            price_cache_miss=600,
-            price_output=3000,
-        )
-        started = time.perf_counter_ns()
         try:
-            ledger.reserve(reservation, budgets)
-            ledger.settle(
-                Settlement(
-                    reservation=reservation,
-                    status="ok",
-                    prompt_tokens=40,
-                    cached_tokens=0,
-                    completion_tokens=35,
-                    cost_nanos=129_000,
-                    estimated=False,
-                    attempts=1,
-                    finished_at=datetime.now(UTC),
-                )
-            )
+            reserve_ns, settle_ns = cycle(ledger, budgets, tags)
         except (kb.LedgerError, sqlite3.Error) as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 locked += 1
@@ -89,7 +60,7 @@ def _worker(barrier: Any, results: Any, worker: int, path: str, seconds: float) 
                 other += 1
             first_error = first_error or f"{type(exc).__name__}: {exc}"
             continue
-        latencies.append(time.perf_counter_ns() - started)
+        latencies.append(reserve_ns + settle_ns)
         cycles += 1
     ledger.close()
     results.put((worker, cycles, locked, other, latencies, first_error))

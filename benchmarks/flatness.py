@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import gc
 import sys
-import time
-import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     CAPS,
-    MODEL,
-    TAGS,
     Sample,
     check_totals,
+    cycle,
     fmt_us,
     ledger_copy,
     make_budget,
@@ -33,44 +30,6 @@ from _common import (
 )
 
 UTC = timezone.utc
-
-
-def cycle(ledger: Any, budgets: tuple[Any, ...]) -> tuple[int, int]:
-    """One call's ledger work: check and reserve, then settle. Returns both durations (ns)."""
-    from kimi_budget.ledger import Reservation, Settlement
-
-    now = datetime.now(UTC)
-    reservation = Reservation(
-        call_id=uuid.uuid4().hex,
-        model=MODEL,
-        tags=TAGS,
-        created_at=now,
-        expires_at=now + timedelta(seconds=660),
-        projected_nanos=250_000,
-        prompt_estimate=40,
-        price_cache_hit=100,
-        price_cache_miss=600,
-        price_output=3000,
-    )
-    started = time.perf_counter_ns()
-    ledger.reserve(reservation, budgets)
-    reserved = time.perf_counter_ns()
-    settlement = Settlement(
-        reservation=reservation,
-        status="ok",
-        prompt_tokens=40,
-        cached_tokens=0,
-        completion_tokens=35,
-        cost_nanos=40 * 600 + 35 * 3000,
-        estimated=False,
-        attempts=1,
-        finished_at=datetime.now(UTC),
-        request_id="chatcmpl-bench",
-        latency_ms=1,
-    )
-    settling = time.perf_counter_ns()
-    assert ledger.settle(settlement)
-    return reserved - started, time.perf_counter_ns() - settling
 
 
 def run(

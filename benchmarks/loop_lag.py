@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     CAPS,
+    KEY,
     MESSAGES,
     MODEL,
     TAGS,
@@ -37,7 +38,6 @@ from _common import (
     table,
 )
 
-KEY = "sk-bench-0000000000000000"
 PROBE_SLEEP = 0.002
 LATENCY = (0.002, 0.010)  # the stand-in's answer delay, seconds
 

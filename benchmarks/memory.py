@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    KEY,
     MESSAGES,
     MODEL,
     TAGS,
@@ -35,7 +36,6 @@ from _common import (
     table,
 )
 
-KEY = "sk-bench-0000000000000000"
 _OURS = tracemalloc.Filter(True, "*kimi_budget*")
 
 

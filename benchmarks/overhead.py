@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     CAPS,
+    KEY,
     MESSAGES,
     MODEL,
     TAGS,
@@ -37,8 +38,6 @@ from _common import (
     standin,
     table,
 )
-
-KEY = "sk-bench-0000000000000000"
 
 
 @dataclass

@@ -11,19 +11,20 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    KEY,
     MESSAGES,
     MODEL,
     TAGS,
     check_totals,
+    cycle,
     fmt_us,
     ledger_copy,
     make_budget,
@@ -32,7 +33,6 @@ from _common import (
     table,
 )
 
-KEY = "sk-bench-0000000000000000"
 UTC = timezone.utc
 
 
@@ -69,36 +69,8 @@ def _table(words: list[str]) -> str:
 
 
 def _back_to_back(ledger: Any, budget: Any, cycles: int) -> None:
-    from kimi_budget.ledger import Reservation, Settlement
-
     for _ in range(cycles):
-        now = datetime.now(UTC)
-        reservation = Reservation(
-            call_id=uuid.uuid4().hex,
-            model=MODEL,
-            tags=TAGS,
-            created_at=now,
-            expires_at=now + timedelta(seconds=660),
-            projected_nanos=250_000,
-            prompt_estimate=40,
-            price_cache_hit=100,
-            price_cache_miss=600,
-            price_output=3000,
-        )
-        ledger.reserve(reservation, (budget,))
-        ledger.settle(
-            Settlement(
-                reservation=reservation,
-                status="ok",
-                prompt_tokens=40,
-                cached_tokens=0,
-                completion_tokens=35,
-                cost_nanos=129_000,
-                estimated=False,
-                attempts=1,
-                finished_at=datetime.now(UTC),
-            )
-        )
+        cycle(ledger, (budget,))
 
 
 def python_profile(client: Any, calls: int, top: int = 15) -> tuple[list[list[str]], float]:
