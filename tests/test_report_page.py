@@ -401,3 +401,27 @@ def test_usd_and_cny_are_shown_apart_never_added(
     assert "UTC, USD)" in chart.output and "UTC, CNY)" in chart.output
     assert "¥" in chart.output.split("UTC, CNY)")[1]
     assert "¥" not in chart.output.split("UTC, CNY)")[0]
+
+
+def test_the_report_keeps_currencies_apart(
+    month: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    ledger, rows = month
+    with kb.Ledger(ledger) as opened:
+        yuan = _cny_call(opened, at(2026, 11, 2, 11), 40_000, 900)
+    dollars = sum(r["cost"] for r in rows)
+    text = CliRunner().invoke(cli, ["report", "--ledger", str(ledger), "--by", "total"])
+    assert text.exit_code == 0, text.output
+    assert "(UTC, USD)" in text.output and "(UTC, CNY)" in text.output
+    assert f"${_exact(dollars)}" in text.output and f"¥{_exact(yuan)}" in text.output
+    mixed = CliRunner().invoke(cli, ["report", "--ledger", str(ledger), "--json"])
+    assert mixed.exit_code == 2 and "--currency" in mixed.output
+    import json
+
+    for code, amount in (("CNY", yuan), ("usd", dollars)):
+        result = CliRunner().invoke(
+            cli, ["report", "--ledger", str(ledger), "--json", "--currency", code]
+        )
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert data["currency"] == code.upper() and data["total_usd"] == _exact(amount)

@@ -176,10 +176,12 @@ class Report:
     pending_nanos: int = 0
     ledger: str = ""
     source: str = "rows"  # what was read: "rollup" or "rows" (not part of the JSON)
+    currency: str = "USD"  # the amounts' currency (the *_usd keys of the JSON hold it too)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "ledger": self.ledger,
+            "currency": self.currency,
             "by": self.by,
             "tz": self.tz,
             "since": self.since.isoformat() if self.since else None,

@@ -51,6 +51,13 @@ __all__ = ["calls", "path", "report", "status"]
     "line (with --by day, week or month).",
 )
 @click.option(
+    "--currency",
+    type=click.Choice(["USD", "CNY"], case_sensitive=False),
+    default=None,
+    help="Only calls billed in this currency (a ledger may hold api.moonshot.ai's USD and "
+    "api.moonshot.cn's CNY calls; amounts in two currencies are never added).",
+)
+@click.option(
     "--html",
     "html_file",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -70,12 +77,13 @@ def report(
     tz: str | None,
     by: str,
     chart: bool,
+    currency: str | None,
     html_file: Path | None,
     ledger_option: Path | None,
     as_json: bool,
     as_csv: bool,
 ) -> None:
-    """Spend in USD, calls, input (cache hit/miss) and output tokens, and cache savings.
+    """Spend, calls, input (cache hit/miss) and output tokens, and cache savings.
 
     Only settled calls count; reservations in flight are listed apart.
     """
@@ -105,20 +113,46 @@ def report(
             ledger_option, file, by=by, since=start, until=end, model=model, tags=tags, tz=zone
         )
         return
+    results = []
     with open_ledger(ledger_option, file) as ledger:
-        result = rp.build_report(
-            ledger, by=by, since=start, until=end, model=model, tags=tags, tz=zone
-        )
+        found = rp.currencies(ledger)
+        wanted = [currency.upper()] if currency else found
+        if mode != "text" and len(wanted) > 1:
+            raise UserError(
+                f"this ledger has calls billed in {' and '.join(found)}, which are never added "
+                f"together: pass --currency {found[0]} (or {', '.join(found[1:])}) with --{mode}."
+            )
+        for code in wanted:
+            # One currency alone reads the fast rollup; several, each its own rows.
+            only = code if (len(found) > 1 or code not in found) else None
+            result = rp.build_report(
+                ledger,
+                by=by,
+                since=start,
+                until=end,
+                model=model,
+                tags=tags,
+                tz=zone,
+                currency=only,
+            )
+            result.currency = code
+            results.append(result)
     if mode == "json":
-        print_json(result.to_json())
+        print_json(results[0].to_json())
     elif mode == "csv":
-        click.echo(tb.to_csv(tb.REPORT_CSV_HEADERS, tb.report_csv_rows(result)), nl=False)
+        click.echo(tb.to_csv(tb.REPORT_CSV_HEADERS, tb.report_csv_rows(results[0])), nl=False)
     else:
-        what = "" if by == "total" else f" by {by}"
-        scope = tb.describe_filters(result)
-        click.echo(f"Spend{what} ({zone}{', ' + scope if scope else ''}) in {result.ledger}")
-        click.echo()
-        click.echo(tb.report_table(result))
+        for index, result in enumerate(results):
+            what = "" if by == "total" else f" by {by}"
+            scope = tb.describe_filters(result)
+            money = f", {result.currency}" if len(results) > 1 or result.currency != "USD" else ""
+            if index:
+                click.echo()
+            click.echo(
+                f"Spend{what} ({zone}{', ' + scope if scope else ''}{money}) in {result.ledger}"
+            )
+            click.echo()
+            click.echo(tb.report_table(result))
 
 
 @cli.command()

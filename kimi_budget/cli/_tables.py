@@ -36,6 +36,12 @@ def dollars(nanos: int) -> str:
     return ("-$" if nanos < 0 else "$") + usd(abs(nanos))
 
 
+def money(nanos: int, currency: str = "USD") -> str:
+    """Exact amount with its sign: ``$0.0001362``, ``¥6.5``; other currencies by their code."""
+    symbol = {"USD": "$", "CNY": "¥"}.get(currency, currency + " ")
+    return ("-" if nanos < 0 else "") + symbol + usd(abs(nanos))
+
+
 def dollars_usd(amount: Decimal) -> str:
     """A Decimal USD amount as ``$`` text without exponent (``Decimal('1E+1')`` -> ``$10``)."""
     return ("-$" if amount < 0 else "$") + format(abs(amount), "f")
@@ -232,8 +238,8 @@ def report_table(report: Report) -> str:
             tokens(row.input_hit),
             tokens(row.input_miss),
             tokens(row.output_tokens),
-            dollars(row.cost_nanos),
-            dollars(row.savings_nanos),
+            money(row.cost_nanos, report.currency),
+            money(row.savings_nanos, report.currency),
         ]
         for row in report.rows
     ]
@@ -246,8 +252,8 @@ def report_table(report: Report) -> str:
                 tokens(t.input_hit),
                 tokens(t.input_miss),
                 tokens(t.output_tokens),
-                dollars(t.cost_nanos),
-                dollars(t.savings_nanos),
+                money(t.cost_nanos, report.currency),
+                money(t.savings_nanos, report.currency),
             ]
         )
     headers = [key_header, "calls", "input hit", "input miss", "output", "spend", "cache saved"]
