@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
-import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any, cast
 
@@ -86,6 +83,11 @@ def demo(ledger_option: Path | None, as_json: bool) -> None:
 
 def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
     """Run the demo, printing as it goes (or one JSON document at the end)."""
+    # Imported here, not at the top: `kimi-budget --help` loads this module too.
+    import secrets
+    import tempfile
+    import textwrap
+
     from .._budget import Budget
     from .._client import OpenAI
     from .._exceptions import BudgetExceededError
