@@ -176,13 +176,7 @@ def window_bounds(window: str, instant: datetime, tz: ZoneInfo) -> tuple[datetim
         return datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
     local = instant.astimezone(tz)
     if window == "hourly":
-        # Hour windows follow UTC hours shifted by the zone's offset; do it in UTC so that a
-        # repeated local hour at a DST change is two windows, not one.
-        offset = local.utcoffset() or timedelta(0)
-        shifted = instant.astimezone(UTC) + offset
-        start_shifted = shifted.replace(minute=0, second=0, microsecond=0)
-        start = start_shifted - offset
-        return start, start + timedelta(hours=1)
+        return _hour_bounds(instant, tz, local.utcoffset() or timedelta(0))
     day = local.date()
     if window == "daily":
         first, following = day, day + timedelta(days=1)
@@ -195,6 +189,47 @@ def window_bounds(window: str, instant: datetime, tz: ZoneInfo) -> tuple[datetim
     else:
         raise ValueError(f"unknown window {window!r}")
     return _local_midnight(first, tz), _local_midnight(following, tz)
+
+
+def _hour_bounds(instant: datetime, tz: ZoneInfo, offset: timedelta) -> tuple[datetime, datetime]:
+    """The local clock hour holding ``instant``, cut where the zone's UTC offset changes.
+
+    Computed in UTC with the instant's own offset, so the repeated local hour of a fall-back
+    night is two windows, not one. A change of offset by a fraction of an hour (30 minutes in
+    Australia/Lord_Howe) falls inside a clock hour: the window then ends (or starts) at the
+    change, so that windows tile time without overlapping and hold at most one hour.
+    """
+    utc = instant.astimezone(UTC)
+    start = (utc + offset).replace(minute=0, second=0, microsecond=0) - offset
+    end = start + timedelta(hours=1)
+    if _offset(start, tz) != offset:
+        start = _offset_change(start, utc, tz)
+    if _offset(end - _TICK, tz) != offset:
+        end = _offset_change(utc, end - _TICK, tz)
+    return start, end
+
+
+_TICK = timedelta(microseconds=1)
+
+
+def _offset(instant: datetime, tz: ZoneInfo) -> timedelta | None:
+    return instant.astimezone(tz).utcoffset()
+
+
+def _offset_change(before: datetime, after: datetime, tz: ZoneInfo) -> datetime:
+    """The first instant in ``(before, after]`` with ``after``'s UTC offset (one change lies
+    between them; zones change offset on a whole second)."""
+    target = _offset(after, tz)
+    low = before.replace(microsecond=0)
+    high = after if after.microsecond == 0 else after.replace(microsecond=0) + timedelta(seconds=1)
+    while high - low > timedelta(seconds=1):
+        middle = low + (high - low) // 2
+        middle = middle.replace(microsecond=0)
+        if _offset(middle, tz) == target:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _local_midnight(day: Any, tz: ZoneInfo) -> datetime:

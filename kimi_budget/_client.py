@@ -29,7 +29,7 @@ from openai import NotGiven, not_given
 
 from ._balance import Balance, parse_balance
 from ._budget import Budget, canonical_tags
-from ._config import resolve_settings
+from ._config import budget_argument, merge_budgets, resolve_settings
 from ._exceptions import BudgetExceededError
 from ._guard import (
     ACTIVE_CALL,
@@ -148,10 +148,9 @@ class _Guarded:
                 settings, ledger=ledger if isinstance(ledger, Ledger) else Ledger(ledger)
             )
         if "budget" in overrides:
-            budget = overrides["budget"]
-            budgets = (
-                () if budget is None else (budget,) if isinstance(budget, Budget) else tuple(budget)
-            )
+            given = budget_argument(overrides["budget"])
+            # Caps from the environment or a configuration file stay in force in the copy.
+            budgets = merge_budgets(given, settings.configured_budgets)
             settings = replace(settings, budgets=budgets)
         if "tags" in overrides:
             settings = replace(

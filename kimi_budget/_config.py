@@ -9,7 +9,8 @@ Each setting comes from the first place that has it:
    user's config directory. Only the first file found is read; files are never merged.
 
 Budget caps are layered one by one: ``KIMI_BUDGET_DAILY_USD`` replaces the file's
-``[budget] daily`` and leaves its ``monthly`` in force.
+``[budget] daily`` and leaves its ``monthly`` in force. Caps from the environment and the file
+stay in force when code passes ``budget=``: every budget applies, and the strictest cap wins.
 
 A malformed value is a ``ValueError`` that names the variable or key it came from
 (``KIMI_BUDGET_DAILY_USD: Budget daily must be a USD amount ...``,
@@ -227,13 +228,31 @@ def resolve_tz(file: FileConfig) -> tuple[str, str]:
 
 
 def resolve_budgets(budget: Any, file: FileConfig) -> tuple[Budget, ...]:
-    """Budgets from the argument, else the environment layered over the file."""
-    if budget is not None:
-        if isinstance(budget, Budget):
-            return (budget,)
-        if isinstance(budget, Sequence) and all(isinstance(b, Budget) for b in budget):
-            return tuple(budget)
-        raise ValueError("budget must be a kimi_budget.Budget or a list of them.")
+    """Every budget in force: the argument's, and those of the environment and the file.
+
+    Caps configured outside the code stay in force when code passes ``budget=``: all of them
+    apply, and the strictest wins (a ``budget=`` can only add caps, never lift one).
+    """
+    return merge_budgets(budget_argument(budget), configured_budgets(file))
+
+
+def budget_argument(budget: Any) -> tuple[Budget, ...]:
+    """``budget=`` (a Budget, a list of them, or None) as a tuple."""
+    if budget is None:
+        return ()
+    if isinstance(budget, Budget):
+        return (budget,)
+    if isinstance(budget, Sequence) and all(isinstance(b, Budget) for b in budget):
+        return tuple(budget)
+    raise ValueError("budget must be a kimi_budget.Budget or a list of them.")
+
+
+def merge_budgets(given: tuple[Budget, ...], configured: tuple[Budget, ...]) -> tuple[Budget, ...]:
+    return given + tuple(b for b in configured if b not in given)
+
+
+def configured_budgets(file: FileConfig) -> tuple[Budget, ...]:
+    """Budgets from the environment layered over the configuration file."""
     section = file.data.get("budget", {})
     if not isinstance(section, Mapping):
         raise ValueError(f'{file.where("budget")} must be a table such as [budget] daily = "5".')
@@ -389,7 +408,8 @@ def resolve_settings(
         margin = _seconds(
             file.data.get("reservation_margin"), file.where("reservation_margin"), 60.0
         )
-    budgets = resolve_budgets(budget, file)
+    configured = configured_budgets(file)
+    budgets = merge_budgets(budget_argument(budget), configured)
     if not isinstance(ledger, Ledger):
         path, _ = resolve_ledger_path(ledger, file)
         busy = _seconds(file.data.get("busy_timeout"), file.where("busy_timeout"), 30.0)
@@ -398,6 +418,7 @@ def resolve_settings(
     return GuardSettings(
         ledger=ledger,
         budgets=budgets,
+        configured_budgets=configured,
         tags=clean_tags,
         prices=table,
         token_counter=token_counter,

@@ -59,13 +59,16 @@ class GuardSettings:
     """Everything a guarded client (and its copies) shares."""
 
     ledger: Ledger
-    budgets: tuple[Budget, ...]
+    budgets: tuple[Budget, ...]  # every budget in force, those below included
     tags: dict[str, str]
     prices: PriceTable
     token_counter: TokenCounter | None = None
     exact_tokens: str = "auto"  # "auto": ask Moonshot when too close to call; "always"; "never"
     reservation_margin: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Budgets from the environment or a configuration file: in force whatever budget= says,
+    # in copies too (``with_options(budget=...)`` adds to them, never lifts them).
+    configured_budgets: tuple[Budget, ...] = ()
 
     def now(self) -> datetime:
         return self.ledger.clock()

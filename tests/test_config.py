@@ -133,9 +133,10 @@ def test_budget_caps_layer_env_over_file(monkeypatch: pytest.MonkeyPatch) -> Non
     assert main.tz_name == "Europe/Paris"
     assert resolve_tz(load_file_config()) == ("Europe/Paris", "KIMI_BUDGET_TZ")
 
+    # budget= adds to the configured caps; it never lifts them (the strictest wins).
     only = kb.Budget(total="9")
-    assert resolve_budgets(only, load_file_config()) == (only,)
-    assert resolve_budgets([], load_file_config()) == ()
+    assert resolve_budgets(only, load_file_config()) == (only, main, research)
+    assert resolve_budgets([], load_file_config()) == (main, research)
 
 
 def test_environment_alone_configures_budgets() -> None:

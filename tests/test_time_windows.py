@@ -387,6 +387,53 @@ def test_hourly_windows_hold_their_instant(instant: datetime, tz_name: str) -> N
     tried(__name__)
     tz = ZoneInfo(tz_name)
     start, end = window_bounds("hourly", instant, tz)
-    assert start <= instant < end and end - start == timedelta(hours=1)
-    assert start.astimezone(tz).minute == 0 and start.astimezone(tz).second == 0
+    assert start <= instant < end and end - start <= timedelta(hours=1)
+    # Windows tile time: the next one starts where this one ends, the previous one ends here.
+    assert window_bounds("hourly", end, tz)[0] == end
+    assert window_bounds("hourly", start - NANO, tz)[1] == start
+    # One UTC offset throughout; a full clock hour unless the offset changes at an edge.
+    assert start.astimezone(tz).utcoffset() == (end - NANO).astimezone(tz).utcoffset()
+    on_the_hour = start.astimezone(tz).minute == 0 and start.astimezone(tz).second == 0
+    assert (
+        on_the_hour or (start - NANO).astimezone(tz).utcoffset() != start.astimezone(tz).utcoffset()
+    )
     assert window_key("hourly", instant, tz) == format_utc(start)
+
+
+@pytest.mark.parametrize(
+    ("instant", "start", "end"),
+    [
+        # Lord Howe Island leaves DST on 2026-04-05: 02:00 +11:00 becomes 01:30 +10:30.
+        ("2026-04-04T14:45:00Z", "2026-04-04T14:00:00Z", "2026-04-04T15:00:00Z"),
+        ("2026-04-04T15:10:00Z", "2026-04-04T15:00:00Z", "2026-04-04T15:30:00Z"),  # 01:40 again
+        ("2026-04-04T15:40:00Z", "2026-04-04T15:30:00Z", "2026-04-04T16:30:00Z"),
+        # It enters DST on 2026-10-04: 02:00 +10:30 becomes 02:30 +11:00.
+        ("2026-10-03T15:10:00Z", "2026-10-03T14:30:00Z", "2026-10-03T15:30:00Z"),
+        ("2026-10-03T15:45:00Z", "2026-10-03T15:30:00Z", "2026-10-03T16:00:00Z"),  # 02:45
+        ("2026-10-03T16:10:00Z", "2026-10-03T16:00:00Z", "2026-10-03T17:00:00Z"),
+    ],
+)
+def test_hourly_windows_across_a_30_minute_dst_shift(instant: str, start: str, end: str) -> None:
+    tz = ZoneInfo("Australia/Lord_Howe")
+    assert window_bounds("hourly", utc(instant), tz) == (utc(start), utc(end))
+    assert window_key("hourly", utc(instant), tz) == format_utc(utc(start))
+
+
+def test_an_hourly_cap_across_a_30_minute_dst_shift(ledger_path: Path) -> None:
+    clock = Clock(utc("2026-04-04T14:45:00Z"))  # 01:45 +11:00, half an hour before the shift
+    budget = kb.Budget(hourly="0.01", tz="Australia/Lord_Howe")
+    with kb.Ledger(ledger_path, clock=clock) as led:
+        spend(led, budget, 9_000_000)
+        clock.set("2026-04-04T14:55:00Z")
+        with pytest.raises(kb.BudgetExceededError) as refused:
+            spend(led, budget, 2_000_000)
+        # The clock hour 01:00-02:00 (+11:00) ends at the shift, at 15:00 UTC: 01:30 +10:30.
+        assert refused.value.resets_at == "2026-04-05T01:30:00+10:30"
+        clock.set("2026-04-04T15:10:00Z")  # 01:40 +10:30: a new window, [15:00, 15:30)
+        spend(led, budget, 9_000_000)
+        hour = window(led, budget, "hourly")
+        assert hour.spent_usd == Decimal("0.009")
+        assert (hour.start, hour.resets_at) == (
+            utc("2026-04-04T15:00:00Z"),
+            utc("2026-04-04T15:30:00Z"),
+        )

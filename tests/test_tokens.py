@@ -884,4 +884,3 @@ def test_counting_a_200k_token_prompt() -> None:
     K2.clear_cache()  # no help from splintr's chunk cache
     est = count_request_tokens(req, "kimi_k2")
     assert est.tokens >= 190_000
-
