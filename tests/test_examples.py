@@ -23,7 +23,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHECKED = ("quickstart", "streaming", "async_many", "per_tag_budgets", "batch_job")
 CANARY_KEY = "sk-examples-canary-0123456789abcdef"
 # The examples run once, together, for the whole module: keep its tests on one xdist worker.
-pytestmark = pytest.mark.xdist_group("examples")
+# Five examples start at once: a hang guard of minutes, not a timing (a loaded machine is slow).
+pytestmark = [pytest.mark.xdist_group("examples"), pytest.mark.timeout(600)]
 
 
 def _clean_env(home: Path) -> dict[str, str]:
@@ -67,7 +68,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Compl
     }
     results = {}
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=300)
         results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     # Offline runs write only to temporary ledgers: the user's data directory stays empty, and
     # the ledger named in the environment is not created.

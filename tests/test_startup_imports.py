@@ -70,7 +70,7 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["status"],
         ["status", "--json"],
         ["calls", "-n", "3"],
-        ["calls", "--model", "kimi-k2.5", "--json"],
+        ["calls", "--model", "kimi-k2.6", "--json"],
     ],
     ids=" ".join,
 )
@@ -83,7 +83,7 @@ def test_read_only_commands_import_neither_openai_nor_pydantic(
     assert result["code"] == 0, output
     assert result["loaded"] == [], output
     if "--help" not in args:
-        assert str(recorded) in output or "kimi-k2.5" in output
+        assert str(recorded) in output or "kimi-k2.6" in output
 
 
 def test_a_user_error_is_one_line_without_openai(tmp_path: Path) -> None:
