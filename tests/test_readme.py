@@ -89,3 +89,27 @@ def test_the_stand_in_is_documented_with_its_command() -> None:
 def test_no_sentence_points_at_something_the_reader_cannot_see() -> None:
     for phrase in ("the issue", "issue's", "our targets", "as discussed", "the brief"):
         assert phrase not in README.lower(), phrase
+
+
+def test_the_demo_suggests_commands_that_work_without_activating(tmp_path: Path) -> None:
+    """Run as ``.venv/bin/kimi-budget demo`` (not on PATH), it suggests that same path."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "kimi-budget"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [str(script), "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    hint = done.stdout.strip().splitlines()[-1]
+    typed = os.path.relpath(script, tmp_path)
+    shown = script if typed.startswith("..") else typed
+    assert hint.strip() == f"{shown} demo --ledger demo.db && {shown} report --ledger demo.db"

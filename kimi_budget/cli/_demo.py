@@ -229,10 +229,29 @@ def run_demo(ledger: Path | None, *, as_json: bool = False) -> None:
         say()
         if temporary:
             say("The ledger was temporary. Keep one and explore it:")
-            say("  kimi-budget demo --ledger demo.db && kimi-budget report --ledger demo.db")
+            me = _command_name()
+            say(f"  {me} demo --ledger demo.db && {me} report --ledger demo.db")
         else:
-            say(f"Explore it: kimi-budget calls --ledger {path}")
-            say(f"            kimi-budget report --ledger {path} --by day")
+            me = _command_name()
+            say(f"Explore it: {me} calls --ledger {path}")
+            say(f"            {me} report --ledger {path} --by day --chart")
+
+
+def _command_name() -> str:
+    """How to type this command again: ``kimi-budget``, or its path when that is not on PATH
+    (run from a virtual environment that is not activated, as ``.venv/bin/kimi-budget``)."""
+    import os
+    import shutil
+    import sys
+
+    typed = sys.argv[0] if sys.argv else ""
+    if os.path.basename(typed) != "kimi-budget":
+        return "kimi-budget"
+    found = shutil.which("kimi-budget")
+    if found and os.path.realpath(found) == os.path.realpath(typed):
+        return "kimi-budget"
+    relative = os.path.relpath(typed)
+    return typed if relative.startswith("..") else relative
 
 
 def _clip(text: str, limit: int) -> str:
