@@ -19,7 +19,6 @@ import functools
 import inspect
 import json
 import os
-import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
@@ -27,7 +26,9 @@ from typing import TYPE_CHECKING, Any, cast
 import openai
 from openai import NotGiven, not_given
 
+from . import _batch
 from ._balance import Balance, parse_balance
+from ._batch import batch_action
 from ._budget import Budget, canonical_tags
 from ._config import budget_argument, merge_budgets, resolve_settings
 from ._exceptions import BudgetExceededError
@@ -48,7 +49,6 @@ from ._provider import resolve_provider
 from ._retry import explain_quota_error
 from ._streams import body_was_read
 from .ledger import Ledger
-from .pricing import BUILTIN_SOURCE
 
 if TYPE_CHECKING:
     import httpx2
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncOpenAI", "OpenAI"]
 
 _GUARD_ARGS = (
+    "currency",
     "ledger",
     "budget",
     "tags",
@@ -69,19 +70,6 @@ _GUARD_ARGS = (
     "exact_tokens",
     "reservation_margin",
 )
-
-
-def _warn_if_prices_are_in_another_currency(base_url: str, settings: GuardSettings) -> None:
-    if "moonshot.cn" not in base_url:
-        return
-    if any(price.source == BUILTIN_SOURCE for price in settings.prices):
-        warnings.warn(
-            "kimi-budget's built-in prices are Moonshot's USD prices (api.moonshot.ai), but this "
-            "client calls api.moonshot.cn, which bills in CNY. Give your CNY prices with "
-            "prices_file= or KIMI_BUDGET_PRICES so that caps and the ledger are in one currency.",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _attempt_options(options: Any, number: int) -> Any:
@@ -124,9 +112,11 @@ class _Guarded:
         super().__init__(  # type: ignore[call-arg]  # the SDK client, next in the MRO
             api_key=api_key, base_url=base_url, **kwargs
         )
-        self._kb = guard if guard is not None else resolve_settings(**given)
-        if guard is None:
-            _warn_if_prices_are_in_another_currency(str(self.base_url), self._kb)
+        # api.moonshot.cn bills in CNY: its table, caps and rows are in CNY (``currency=``
+        # overrides, e.g. for a proxy in front of it).
+        self._kb = (
+            guard if guard is not None else resolve_settings(**given, base_url=self.base_url)
+        )
 
     def _kb_failed(self, call: Call, exc: BaseException) -> BaseException:
         """Settle a call that raised; the exception the caller should see."""
@@ -251,6 +241,8 @@ class OpenAI(_Guarded, openai.OpenAI):
             return parent(cast_to, attempt, stream=stream, stream_cls=stream_cls)
 
         if not is_chat_completion(options):
+            if (action := batch_action(options)) is not None:
+                return self._kb_batch(action, send, options, max_retries)
             return self._kb_attempts(send, options, max_retries, None)
         call = self._kb_begin(options, stream)
         token = ACTIVE_CALL.set(call)
@@ -289,6 +281,32 @@ class OpenAI(_Guarded, openai.OpenAI):
             call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
             self._kb.ledger.reserve(call.reservation, self._kb.budgets)
         return call
+
+    def _kb_batch(
+        self, action: tuple[str, str | None], send: Any, options: Any, max_retries: int
+    ) -> Any:
+        """``batches.create``: reserve every request's worst case first (see ``_batch``);
+        ``batches.retrieve``: settle a finished batch from its output file."""
+        if action[0] == "create":
+            body = _batch.create_body(options)
+            content = self.files.content(str(body.get("input_file_id"))).text
+            reservation = _batch.reservation_for(
+                self._kb, _batch.plan_batch(self._kb, content), body.get("completion_window")
+            )
+            self._kb.ledger.reserve(reservation, self._kb.budgets)
+            options = _batch.with_call_id(options, reservation.call_id)
+            try:
+                result = self._kb_attempts(send, options, max_retries, None)
+            except BaseException as exc:
+                _batch.release(self._kb, reservation, exc)
+                raise
+            _batch.remember(str(_batch.parsed(result).id), reservation)
+            return result
+        result = self._kb_attempts(send, options, max_retries, None)
+        _batch.settle_batch(
+            self._kb, _batch.parsed(result), lambda file_id: self.files.content(file_id).text
+        )
+        return result
 
     def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
         """Moonshot's free, exact prompt count (``POST /tokenizers/estimate-token-count``)."""
@@ -375,6 +393,8 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             return await parent(cast_to, attempt, stream=stream, stream_cls=stream_cls)
 
         if not is_chat_completion(options):
+            if (action := batch_action(options)) is not None:
+                return await self._kb_batch(action, send, options, max_retries)
             return await self._kb_attempts(send, options, max_retries, None)
         call = await self._kb_begin(options, stream)
         token = ACTIVE_CALL.set(call)
@@ -431,6 +451,33 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
             self._kb.ledger.reserve(call.reservation, self._kb.budgets)
         return call
+
+    async def _kb_batch(
+        self, action: tuple[str, str | None], send: Any, options: Any, max_retries: int
+    ) -> Any:
+        """As the sync client's (see ``_batch``)."""
+        if action[0] == "create":
+            body = _batch.create_body(options)
+            content = (await self.files.content(str(body.get("input_file_id")))).text
+            reservation = _batch.reservation_for(
+                self._kb, _batch.plan_batch(self._kb, content), body.get("completion_window")
+            )
+            self._kb.ledger.reserve(reservation, self._kb.budgets)
+            options = _batch.with_call_id(options, reservation.call_id)
+            try:
+                result = await self._kb_attempts(send, options, max_retries, None)
+            except BaseException as exc:
+                _batch.release(self._kb, reservation, exc)
+                raise
+            _batch.remember(str(_batch.parsed(result).id), reservation)
+            return result
+        result = await self._kb_attempts(send, options, max_retries, None)
+        batch = _batch.parsed(result)
+        if _batch.TERMINAL.get(str(getattr(batch, "status", ""))) is not None:
+            output_id = getattr(batch, "output_file_id", None)
+            text = (await self.files.content(output_id)).text if output_id else ""
+            _batch.settle_batch(self._kb, batch, lambda _file_id: text)
+        return result
 
     async def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
         response = await self.post(

@@ -393,14 +393,22 @@ def resolve_settings(
     token_counter: Callable[[Mapping[str, Any]], int] | None = None,
     exact_tokens: str | None = None,
     reservation_margin: float | None = None,
+    currency: str | None = None,
+    base_url: object = None,
 ) -> Any:
-    """The guard settings of a new client, from arguments, environment and file."""
+    """The guard settings of a new client, from arguments, environment and file.
+
+    ``currency`` (default: "CNY" for a ``base_url`` on api.moonshot.cn, else "USD") picks the
+    price table; a budget counts and caps only calls of its own currency.
+    """
     from ._guard import GuardSettings
     from .ledger import Ledger
+    from .pricing import check_currency, currency_for_base_url
 
     file = load_file_config()
     clean_tags = resolve_tags(tags, file)
-    table = resolve_prices(prices, prices_file, file)
+    money = check_currency(currency) if currency is not None else currency_for_base_url(base_url)
+    table = resolve_prices(prices, prices_file, file, currency=money)
     exact = resolve_exact_tokens(exact_tokens, file)
     if reservation_margin is not None:
         margin = _seconds(reservation_margin, "reservation_margin", 60.0)
@@ -410,6 +418,12 @@ def resolve_settings(
         )
     configured = configured_budgets(file)
     budgets = merge_budgets(budget_argument(budget), configured)
+    if budgets and all(getattr(b, "currency", "USD") != money for b in budgets):
+        raise ValueError(
+            f"This client is billed in {money} (api.moonshot.{'cn' if money == 'CNY' else 'ai'}), "
+            f"but every budget given is in another currency, so none would cap it. Add a "
+            f"{money} budget: Budget(currency={money!r}, daily=...) or KIMI_BUDGET_DAILY_{money}."
+        )
     if not isinstance(ledger, Ledger):
         path, _ = resolve_ledger_path(ledger, file)
         busy = _seconds(file.data.get("busy_timeout"), file.where("busy_timeout"), 30.0)

@@ -442,8 +442,9 @@ def test_defaults_come_from_moonshot_environment(
     assert str(client.base_url).startswith("https://api.moonshot.ai/v1")
     assert client.ledger.path == tmp_path / "env.db"
     monkeypatch.setenv("MOONSHOT_BASE_URL", "https://api.moonshot.cn/v1")
-    with pytest.warns(UserWarning, match="CNY"):
-        assert str(kb.OpenAI().base_url).startswith("https://api.moonshot.cn/v1")
+    china = kb.OpenAI()
+    assert str(china.base_url).startswith("https://api.moonshot.cn/v1")
+    assert china._kb.prices.currency == "CNY"
     monkeypatch.delenv("MOONSHOT_API_KEY")
     with pytest.raises(openai.OpenAIError, match="MOONSHOT_API_KEY"):
         kb.OpenAI()
@@ -534,6 +535,9 @@ def test_error_response_is_recorded_at_zero_cost(
     assert mocked_client.ledger.pending() == []
 
 
-def test_china_platform_warns_that_builtin_prices_are_usd(ledger_path: Path) -> None:
-    with pytest.warns(UserWarning, match="CNY"):
-        kb.OpenAI(api_key=KEY, base_url="https://api.moonshot.cn/v1", ledger=ledger_path)
+def test_china_platform_uses_the_cny_price_table(ledger_path: Path) -> None:
+    client = kb.OpenAI(api_key=KEY, base_url="https://api.moonshot.cn/v1", ledger=ledger_path)
+    assert client._kb.prices.currency == "CNY"
+    assert client._kb.prices.get("kimi-k3").cache_miss == 20_000  # ¥20 per million
+    usd = kb.OpenAI(api_key=KEY, base_url="https://api.moonshot.ai/v1", ledger=ledger_path)
+    assert usd._kb.prices.get("kimi-k3").cache_miss == 3_000
