@@ -299,17 +299,23 @@ def _budget_factory(kwargs: dict[str, Any]) -> Callable[[], Budget]:
     return lambda: Budget(**kwargs)
 
 
-def resolve_ledger_path(ledger: Any, file: FileConfig) -> tuple[Path, str]:
-    """The ledger file (argument > ``KIMI_BUDGET_LEDGER`` > file ``ledger`` > user data dir)."""
-    from .ledger import default_ledger_path
+def resolve_ledger_path(ledger: Any, file: FileConfig) -> tuple[Path | str, str]:
+    """The ledger (argument > ``KIMI_BUDGET_LEDGER`` > file ``ledger`` > user data dir).
+
+    A file path, or a ``postgresql://`` URL passed through untouched (never made a path).
+    """
+    from .ledger import default_ledger_path, is_server_url
 
     if ledger is not None:
-        return Path(ledger).expanduser(), "argument"
+        return (ledger if is_server_url(ledger) else Path(ledger).expanduser()), "argument"
     env = _env("KIMI_BUDGET_LEDGER")
     if env is not None:
-        return Path(env).expanduser(), "KIMI_BUDGET_LEDGER"
+        return (env if is_server_url(env) else Path(env).expanduser()), "KIMI_BUDGET_LEDGER"
     if "ledger" in file.data:
-        return file.relative_path(file.data["ledger"], "ledger"), file.where("ledger")
+        value = file.data["ledger"]
+        if is_server_url(value):
+            return value, file.where("ledger")
+        return file.relative_path(value, "ledger"), file.where("ledger")
     return default_ledger_path(), "default (user data directory)"
 
 

@@ -138,15 +138,29 @@ class _Group(click.Group):
 # -- shared options ------------------------------------------------------------------------------
 
 
+class _LedgerTarget(click.ParamType):  # type: ignore[type-arg]
+    """A ledger file path, or a ``postgresql://`` URL kept as it is."""
+
+    name = "path_or_url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lower().startswith(("postgresql://", "postgres://")):
+            return value
+        return Path(value)
+
+
 def ledger_file_option(hidden: bool = False) -> Callable[[F], F]:
     return click.option(
         "--ledger",
         "ledger_option",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=_LedgerTarget(),
         default=None,
         hidden=hidden,
-        help="Ledger file. Default: KIMI_BUDGET_LEDGER, then `ledger` in the config file, then "
-        "ledger.db in the user data directory.",
+        metavar="PATH|URL",
+        help="Ledger file, or a postgresql:// URL. Default: KIMI_BUDGET_LEDGER, then `ledger` "
+        "in the config file, then ledger.db in the user data directory.",
     )
 
 
@@ -184,7 +198,7 @@ def open_ledger(option: Path | None, file: FileConfig) -> Any:
     from ..ledger import Ledger
 
     path, source = resolve_ledger_path(option, file)
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         named = "--ledger" if source == "argument" else source
         raise UserError(
             f"no ledger at {path} (from {named}): nothing has been recorded there yet. "
@@ -192,7 +206,7 @@ def open_ledger(option: Path | None, file: FileConfig) -> Any:
         )
     from ._report import ledger_file_problem
 
-    problem = ledger_file_problem(path)
+    problem = ledger_file_problem(path) if isinstance(path, Path) else None
     if problem is not None:
         # Opening it as a ledger would write our schema into it: read-only commands never do.
         raise UserError(f"{path} {problem}; pass --ledger with the path of a kimi-budget ledger.")

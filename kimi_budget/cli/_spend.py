@@ -170,7 +170,7 @@ def status(ledger_option: Path | None, as_json: bool) -> None:
         statuses = rp.budget_status(ledger, budgets)
         pending = ledger.pending()
         now = ledger.clock()
-        path = str(ledger.path)
+        path = ledger.location
     if as_json:
         print_json(
             {
@@ -286,17 +286,23 @@ def path(ledger_option: Path | None, as_json: bool) -> None:
     """Where the ledger is (it may not exist yet)."""
     file = config()
     where, source = resolve_ledger_path(ledger_option, file)
+    if isinstance(where, Path):
+        shown, exists = str(where), where.exists()
+    else:
+        from .._redact import redact_url
+
+        shown, exists = redact_url(where), None  # a server: not checked without connecting
     if as_json:
         print_json(
             {
-                "ledger": str(where),
+                "ledger": shown,
                 "source": "--ledger" if source == "argument" else source,
-                "exists": where.exists(),
+                "exists": exists,
                 "config_file": str(file.path) if file.path else None,
             }
         )
     else:
-        click.echo(str(where))
+        click.echo(shown)
 
 
 def _draw_chart(
@@ -334,7 +340,7 @@ def _draw_chart(
                 days = _figures.chart_days(ledger, models, by=by, step=step, **filters)
             caps = _figures.budget_caps(ledger, budgets, currency)
             charts.append((currency, days, _figures.period_cap(caps, by, tags)))
-        where = str(ledger.path)
+        where = ledger.location
     terminal = sys.stdout.isatty()
     width = min(shutil.get_terminal_size((80, 24)).columns, 120) if terminal else 80
     scope = tb.describe(since, until, model, tags, tz)
