@@ -248,9 +248,9 @@ def window_key(window: str, instant: datetime, tz: ZoneInfo) -> str:
 
     Every ledger write needs these keys (several per call), so the last window of each zone
     and kind is kept with its bounds, and an instant inside them gets its key with two
-    comparisons. Every instant in ``[start, end)`` of a window has that same window (a local
-    day, week or month; an hour whose UTC offset does not change within it, which is checked
-    before it is kept), so the answer is always ``window_bounds``' own.
+    comparisons. Windows tile time (an hour is cut where the zone's UTC offset changes), so
+    every instant in ``[start, end)`` has that same window: the answer is always
+    ``window_bounds``' own.
     """
     if window == "total":
         return ""
@@ -260,7 +260,5 @@ def window_key(window: str, instant: datetime, tz: ZoneInfo) -> str:
         return current[2]
     start, end = window_bounds(window, instant, tz)
     key = format_utc(start)
-    last = end - timedelta(microseconds=1)
-    if window != "hourly" or start.astimezone(tz).utcoffset() == last.astimezone(tz).utcoffset():
-        _CURRENT_WINDOW[memo] = (start, end, key)
+    _CURRENT_WINDOW[memo] = (start, end, key)
     return key

@@ -1,9 +1,10 @@
 """A window's stored key is its start, whatever instant of it (or of a neighbour) came before.
 
 ``window_key`` keeps the last window of each zone and kind and answers from it while the
-instant is inside; these tests ask for pairs of instants around every UTC-offset change of
-awkward zones (30- and 60-minute DST shifts, DST at midnight, a skipped day), so that a kept
-window is always asked about an instant near its edges.
+instant is inside, which is right only because windows tile time. These tests ask for pairs
+of instants around every UTC-offset change of awkward zones (30- and 60-minute DST shifts,
+DST at midnight, a skipped day), so that a kept window is always asked about an instant near
+its edges.
 """
 
 from __future__ import annotations
