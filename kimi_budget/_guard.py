@@ -550,6 +550,7 @@ class Call:
             latency_ms=int((time.perf_counter() - self.started) * 1000),
             error=redact(error, self.secrets)[:1000] if error else None,
             note=redact(note, self.secrets)[:1000] if note else None,
+            usage_json=self._usage_json(bills),
         )
         try:
             self.settings.ledger.settle(settlement)
@@ -564,6 +565,15 @@ class Call:
                 self.reservation.call_id,
                 settlement.note,
             )
+
+    def _usage_json(self, bills: list[Usage]) -> str | None:
+        """The usage objects the server reported, as received (redacted): one object, or a
+        list when several attempts reported one. Estimated bills have none."""
+        raws = [raw for raw in (b.raw_json() for b in bills) if raw is not None]
+        if not raws:
+            return None
+        text = json.dumps(raws[0] if len(raws) == 1 else raws, separators=(",", ":"), default=str)
+        return redact(text, self.secrets)[:4000]
 
     def _worst_output(self) -> int:
         return self.prepared.max_output * self.prepared.choices

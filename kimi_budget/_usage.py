@@ -44,6 +44,20 @@ class Usage:
     cached_tokens: int
     completion_tokens: int
     problems: list[str] = field(default_factory=list)
+    raw: Any = None  # the usage object as received (a dict, or the SDK's model)
+
+    def raw_json(self) -> Any:
+        """``raw`` as plain JSON values (None if there is none)."""
+        raw = self.raw
+        if raw is None or isinstance(raw, Mapping):
+            return raw
+        dump = getattr(raw, "model_dump", None)
+        if dump is None:
+            return None
+        try:
+            return dump(mode="json", exclude_unset=True, warnings=False)
+        except Exception:
+            return None
 
 
 def _as_count(value: Any) -> int | None:
@@ -84,6 +98,7 @@ def read_usage(raw: Any) -> Usage | None:
         if not hasattr(raw, "model_extra"):
             return None
         raw = _ModelView(raw)
+    original = raw._model if isinstance(raw, _ModelView) else raw
     prompt = _as_count(raw.get("prompt_tokens"))
     completion = _as_count(raw.get("completion_tokens"))
     if prompt is None or completion is None:
@@ -99,7 +114,7 @@ def read_usage(raw: Any) -> Usage | None:
         if parsed is None or parsed > prompt:
             return None
         cached = parsed
-    return Usage(prompt, cached, completion)
+    return Usage(prompt, cached, completion, raw=original)
 
 
 def describe_usage_problem(raw: Any) -> str:

@@ -450,3 +450,27 @@ def test_an_error_body_usage_unit(moonshot_mock: Any, mocked_client: kb.OpenAI) 
     row = only_row(mocked_client)
     assert (row["prompt_tokens"], row["completion_tokens"]) == (9, 4)
     assert row["cost_nanos"] == 9 * row["price_cache_miss"] + 4 * row["price_output"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_the_usage_as_received_is_kept(
+    server: MoonshotStandIn, ledger_path: Path, stream: bool
+) -> None:
+    client = guarded(server, ledger_path)
+    result = create(client, stream=stream)
+    if stream:
+        for _ in result:
+            pass
+    row = only_row(client)
+    reported = server.chat_requests[-1].reported_usage
+    assert reported is not None and json.loads(row["usage_json"]) == reported
+
+
+def test_every_attempts_usage_is_kept(server: MoonshotStandIn, ledger_path: Path) -> None:
+    failed = {"prompt_tokens": 11, "completion_tokens": 40, "total_tokens": 51}
+    server.queue_fault(Fault.error(500, "server_error", "generation failed", usage=failed))
+    client = kb.OpenAI(api_key=KEY, base_url=server.base_url, ledger=ledger_path, max_retries=2)
+    client._kb.retry = kb._retry.RetryPolicy(initial_wait=0.01, max_backoff=0.02)
+    create(client)
+    first, second = json.loads(only_row(client)["usage_json"])
+    assert first == failed and second == server.chat_requests[-1].reported_usage

@@ -63,10 +63,15 @@ class ChatEndpoint(StandInCore):
             )
         return model, info, messages
 
-    def _take_fault(self) -> Fault | None:
+    def _take_fault(self, rec: RecordedRequest | None = None) -> Fault | None:
         with self._lock:
             if self._faults:
                 return self._faults.popleft()
+        if rec is not None and self.fault_for is not None:
+            chosen = self.fault_for(rec)
+            if chosen is not None:
+                return chosen
+        with self._lock:
             if self.error_rate and self._rng.random() < self.error_rate:
                 status = self._rng.choice((429, 500, 503))
             else:
@@ -81,7 +86,7 @@ class ChatEndpoint(StandInCore):
     def _chat(
         self, h: _Handler, rec: RecordedRequest, raw: bytes, body: Any, bad_json: bool
     ) -> None:
-        fault = self._take_fault()
+        fault = self._take_fault(rec)
         rec.fault = fault
         if fault is not None:
             if fault.on_request is not None:

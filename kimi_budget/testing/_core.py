@@ -71,6 +71,7 @@ class StandInCore:
         retired: Sequence[str] = (),
         auto_complete_batches: bool = True,
         content_encoding: str | None = None,
+        fault_for: Callable[[RecordedRequest], Fault | None] | None = None,
     ) -> None:
         """
         Args:
@@ -110,6 +111,8 @@ class StandInCore:
                 (otherwise only when ``complete_batch(id)`` is called).
             content_encoding: compress response bodies (``"gzip"``, ``"deflate"`` or ``"br"``)
                 for requests whose ``Accept-Encoding`` lists it.
+            fault_for: the fault of each chat request without a queued one, chosen from the
+                request itself (its headers, say): concurrent clients each get their own.
         """
         if usage_style not in _USAGE_STYLES:
             raise ValueError(f"usage_style must be one of {_USAGE_STYLES}, not {usage_style!r}")
@@ -152,6 +155,7 @@ class StandInCore:
         if content_encoding is not None and content_encoding not in ENCODINGS:
             raise ValueError(f"content_encoding must be one of {ENCODINGS}")
         self.content_encoding = content_encoding
+        self.fault_for = fault_for
 
         self.requests: list[RecordedRequest] = []
         self.billed: list[dict[str, int]] = []
