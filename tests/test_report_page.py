@@ -425,3 +425,20 @@ def test_the_report_keeps_currencies_apart(
         assert result.exit_code == 0, result.output
         data = json.loads(result.output)
         assert data["currency"] == code.upper() and data["total_usd"] == _exact(amount)
+
+
+def test_a_tag_with_many_values_is_cut_to_the_costliest(ledger_path: Path, tmp_path: Path) -> None:
+    with kb.Ledger(ledger_path) as ledger:
+        rows = [
+            record(ledger, at(2026, 11, 1, 9), prompt=1000 * (n + 1), tags={"job": f"j{n:02d}"})
+            for n in range(40)
+        ]
+    page = tmp_path / "spend.html"
+    assert write_page(ledger_path, page).exit_code == 0
+    text = page.read_text(encoding="utf-8")
+    shown = re.findall(r"<tr><td>(j\d\d)</td>", text)
+    assert shown == [f"j{n:02d}" for n in range(39, 24, -1)]  # the 15 costliest, in order
+    rest = sum(r["cost"] for r in rows[:25])
+    assert re.search(
+        rf"25 more values</td><td class=num>25</td><td class=num>\${_exact(rest)}<", text
+    )

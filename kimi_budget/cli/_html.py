@@ -39,6 +39,7 @@ NANOS = 1_000_000_000
 # Okabe-Ito: tells apart for most colour-blind readers too.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#999999")
 CAP_COLOUR = "#C0392B"
+TAG_VALUES_SHOWN = 15  # per tag key, the costliest; the rest as one line
 _SYMBOLS = {"USD": "$", "CNY": "¥"}
 
 _STYLE = """
@@ -388,13 +389,23 @@ def _share_table(
     e = html.escape
     biggest = max([r.cost_nanos for r in rows] + [1])
     body = []
-    for row in rows:
+    shown, rest = rows[:TAG_VALUES_SHOWN], rows[TAG_VALUES_SHOWN:]
+    for row in shown:
         width = 100 * row.cost_nanos / biggest
         body.append(
             f"<tr><td>{e(row.key)}</td><td class=num>{row.calls:,}</td>"
             f"<td class=num>{e(_money(row.cost_nanos, currency))}</td>"
             f'<td><div class="bar"><span style="width:{width:.1f}%"></span></div></td>'
             f"<td class=num>{e(_percent(row.cost_nanos, total))}</td></tr>"
+        )
+    if rest:
+        # A tag with many values (an id per job, say) would make the page endless.
+        spent = sum(r.cost_nanos for r in rest)
+        body.append(
+            f'<tr><td class="muted">{len(rest):,} more values</td>'
+            f"<td class=num>{sum(r.calls for r in rest):,}</td>"
+            f"<td class=num>{e(_money(spent, currency))}</td><td></td>"
+            f"<td class=num>{e(_percent(spent, total))}</td></tr>"
         )
     head = "".join(
         f"<th{' class=num' if i in (1, 2) else ''}>{e(h)}</th>" for i, h in enumerate(headers)
