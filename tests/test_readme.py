@@ -81,9 +81,29 @@ def test_every_example_is_listed_with_the_command_that_runs_it() -> None:
         assert f"`.venv/bin/python examples/{name}`" in README, name
 
 
-def test_the_stand_in_is_documented_with_its_command() -> None:
+def test_the_stand_in_is_documented_with_its_command_and_options() -> None:
+    import subprocess
+    import sys
+
     assert "python -m kimi_budget.testing --port" in README
     assert "MOONSHOT_BASE_URL=http://127.0.0.1:" in README
+    section = README[README.index("## Trying your own code offline") :]
+    section = section[: section.index("\n## ")]
+    shown = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", section))
+    assert shown >= {"--port", "--latency", "--error-rate", "--stream-chunks"}
+    usage = subprocess.run(
+        [sys.executable, "-m", "kimi_budget.testing", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for option in shown:
+        assert option in usage, option
+    from kimi_budget.testing import MoonshotStandIn
+
+    for method in re.findall(r"server\.(\w+)", section):
+        assert hasattr(MoonshotStandIn, method), method
 
 
 def test_no_sentence_points_at_something_the_reader_cannot_see() -> None:
