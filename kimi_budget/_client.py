@@ -215,6 +215,13 @@ def _given(arguments: Mapping[str, Any], method: Callable[..., Any]) -> dict[str
     }
 
 
+def _explained(exc: BudgetExceededError, prepared: Prepared) -> BudgetExceededError:
+    """A refusal of a request that set no output limit says the default was projected."""
+    if prepared.output_from_default:
+        return exc.with_default_output(prepared.max_output)
+    return exc
+
+
 def _guard_settings(kwargs: dict[str, Any]) -> tuple[GuardSettings | None, dict[str, Any]]:
     guard = kwargs.pop("_guard", None)
     given = {name: kwargs.pop(name) for name in _GUARD_ARGS if name in kwargs}
@@ -274,12 +281,15 @@ class OpenAI(_Guarded, openai.OpenAI):
         prepared = prepare(self._kb, body, self._kb_exact_count)
         call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
         try:
-            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
-        except BudgetExceededError:
-            if not recount_exactly(prepared, self._kb_exact_count, self._kb):
-                raise
-            call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
-            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+            try:
+                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+            except BudgetExceededError:
+                if not recount_exactly(prepared, self._kb_exact_count, self._kb):
+                    raise
+                call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
+                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+        except BudgetExceededError as exc:
+            raise _explained(exc, prepared) from None
         return call
 
     def _kb_batch(
@@ -439,17 +449,20 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             prepared = prepare(self._kb, body, _lookup(counts))
         call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
         try:
-            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
-        except BudgetExceededError as refused:
-            if prepared.estimate.exact or self._kb.exact_tokens == "never":
-                raise
             try:
-                counts["exact"] = await self._kb_exact_count(body)
-            except openai.APIError:
-                raise refused from None
-            recount_exactly(prepared, _lookup(counts), self._kb)
-            call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
-            self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+            except BudgetExceededError as refused:
+                if prepared.estimate.exact or self._kb.exact_tokens == "never":
+                    raise
+                try:
+                    counts["exact"] = await self._kb_exact_count(body)
+                except openai.APIError:
+                    raise refused from None
+                recount_exactly(prepared, _lookup(counts), self._kb)
+                call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
+                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+        except BudgetExceededError as exc:
+            raise _explained(exc, prepared) from None
         return call
 
     async def _kb_batch(

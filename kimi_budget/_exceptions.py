@@ -61,7 +61,10 @@ class BudgetExceededError(KimiBudgetError):
         model: str,
         scope: dict[str, str] | None = None,
         resets_at: str | None = None,
+        currency: str = "USD",
     ) -> None:
+        self.currency = currency
+        self.default_output: int | None = None
         self.window = window
         self.limit_usd = limit_usd
         self.spent_usd = spent_usd
@@ -70,19 +73,21 @@ class BudgetExceededError(KimiBudgetError):
         self.model = model
         self.scope = dict(scope or {})
         self.resets_at = resets_at
+        sign = "¥" if currency == "CNY" else "$"
         where = f" for {_format_scope(self.scope)}" if self.scope else ""
         cap_name = "per-call" if window == "per_call" else window
         if limit_usd == 0:
             # Nothing to wait for and no max_tokens small enough: only the cap can change.
             message = (
-                f"Refused before sending: the {cap_name} cap{where} is $0, which blocks every "
-                f"call (this {model} call could cost up to ${projected_usd:f}). Raise the cap "
+                f"Refused before sending: the {cap_name} cap{where} is {sign}0, which blocks every "
+                f"call (this {model} call could cost up to {sign}{projected_usd:f}). Raise the cap "
                 f"to allow calls."
             )
         elif window == "per_call":
             message = (
-                f"Refused before sending: this {model} call could cost up to ${projected_usd:f}, "
-                f"over the per-call cap of ${limit_usd:f}{where}. Lower max_tokens or shorten the "
+                f"Refused before sending: this {model} call could cost up to "
+                f"{sign}{projected_usd:f}, over the per-call cap of {sign}{limit_usd:f}{where}. "
+                f"Lower max_tokens or shorten the "
                 f"prompt, or raise the per_call cap."
             )
         else:
@@ -94,11 +99,23 @@ class BudgetExceededError(KimiBudgetError):
                 reset = f"It resets at {resets_at}. " if resets_at else ""
                 advice = f"{reset}Lower max_tokens, wait for the window to reset, or raise the cap."
             message = (
-                f"Refused before sending: this {model} call could cost up to ${projected_usd:f}, "
-                f"but the {window} cap of ${limit_usd:f}{where} has ${left:f} left "
-                f"(${spent_usd:f} spent, ${reserved_usd:f} reserved by calls in flight). {advice}"
+                f"Refused before sending: this {model} call could cost up to "
+                f"{sign}{projected_usd:f}, but the {window} cap of {sign}{limit_usd:f}{where} has "
+                f"{sign}{left:f} left ({sign}{spent_usd:f} spent, {sign}{reserved_usd:f} reserved "
+                f"by calls in flight). {advice}"
             )
         super().__init__(message)
+
+    def with_default_output(self, tokens: int) -> BudgetExceededError:
+        """The same refusal, saying that the projection assumed the model's default output
+        because the request set no ``max_tokens``."""
+        self.default_output = tokens
+        self.args = (
+            f"{self.args[0]} The request sets no max_tokens, so each choice was projected at "
+            f"{self.model}'s default output of {tokens:,} tokens: set max_tokens to the output "
+            f"you need.",
+        )
+        return self
 
 
 class ContextLengthExceededError(KimiBudgetError):

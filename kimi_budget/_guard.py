@@ -39,7 +39,8 @@ from ._usage import (
     usage_from_body,
 )
 from .ledger import Ledger, Reservation, Settlement, new_call_id
-from .pricing import ModelPrice, PriceTable
+from .pricing import ModelPrice, PriceTable, declares_web_search, requested_cache_ttl
+from .pricing._bill import Extras, charge
 
 __all__ = ["ACTIVE_CALL", "Call", "GuardSettings", "Prepared", "is_chat_completion", "prepare"]
 
@@ -110,10 +111,26 @@ class Prepared:
         return min(default, room)
 
     @property
-    def projected_nanos(self) -> int:
+    def output_from_default(self) -> bool:
+        """The request set no output limit: its projection assumed the model's default."""
         return (
-            self.estimate.tokens * self.price.cache_miss
-            + self.max_output * self.choices * self.price.output
+            self.max_tokens is None
+            and self.output_limit is None
+            and not self.limit_unreadable
+            and self.price.default_max_tokens is not None
+        )
+
+    @property
+    def projected_nanos(self) -> int:
+        """Worst case: every prompt token a miss (written to the cache at the requested TTL's
+        price), every choice at its full output, a ``$web_search`` fee per choice if the
+        request declares the tool (``pricing.ModelPrice.projected_nanos``)."""
+        return self.price.projected_nanos(
+            self.estimate.tokens,
+            self.max_output,
+            self.choices,
+            cache_ttl=requested_cache_ttl(self.body),
+            web_search=declares_web_search(self.body),
         )
 
 
@@ -321,7 +338,9 @@ class Call:
             price_cache_miss=price.cache_miss,
             price_output=price.output,
             stream=stream,
+            currency=price.currency,
         )
+        self.extras = Extras()  # fees and cache writes read from the response
         self.attempts = 0
         self.request_id: str | None = None
         self.streaming = False  # a 2xx body is still flowing to the caller
@@ -413,11 +432,12 @@ class Call:
         if self.streaming:
             return
         usage_raw = getattr(result, "usage", None)
+        self.extras.read_response(result)
         usage = read_usage(usage_raw) if usage_raw is not None else None
         response_id = getattr(result, "id", None) if usage is not None else None
         problem = None if usage is not None else describe_usage_problem(usage_raw)
         if usage is None and self.body_response is not None:
-            usage, response_id, problem = _usage_of_body(self.body_response)
+            usage, response_id, problem = _usage_of_body(self.body_response, self.extras)
         self.request_id = self.request_id or (response_id if isinstance(response_id, str) else None)
         self._finish("ok", usage, problem)
 
@@ -425,7 +445,7 @@ class Call:
         """The call raised before a body reached the caller."""
         if self.body_response is not None:
             # A 2xx body arrived (so it was billed) but the SDK could not hand it over.
-            usage, response_id, problem = _usage_of_body(self.body_response)
+            usage, response_id, problem = _usage_of_body(self.body_response, self.extras)
             self.request_id = self.request_id or response_id
             self._finish("error", usage, problem, error=_describe(exc))
         elif isinstance(exc, openai.APIStatusError):
@@ -464,10 +484,12 @@ class Call:
                 )
                 return
             usage, response_id, problem = sniffer.result()
+            self.extras.read_response(sniffer.data)
             self.request_id = self.request_id or response_id
             self._finish("ok", usage, problem)
             return
         sniffer.finish()
+        self.extras.read_stream(sniffer.tools, sniffer.raw_usage)
         if how == "closed" and sniffer.done:
             how = "complete"  # the SDK closes the response as soon as it reads [DONE]
         self.request_id = self.request_id or sniffer.response_id
@@ -526,23 +548,46 @@ class Call:
             reasons.append(f"{earlier} earlier attempt(s) sent without an answer")
         if unknown:
             reasons.append(unknown)
+        read = list(bills)
         worst = Usage(self.prepared.estimate.tokens, 0, self._worst_output())
         bills += [worst] * (earlier + (1 if unknown else 0))
         price = self.prepared.price
         prompt = sum(b.prompt_tokens for b in bills)
         cached = sum(b.cached_tokens for b in bills)
         completion = sum(b.completion_tokens for b in bills)
+        # Bills not read are charged their full projection (cache writes and fees included).
+        body = self.prepared.body
+        bill = charge(
+            price,
+            prompt=sum(b.prompt_tokens for b in read),
+            cached=sum(b.cached_tokens for b in read),
+            completion=sum(b.completion_tokens for b in read),
+            extras=self.extras,
+            cache_ttl=requested_cache_ttl(body),
+            worst=len(bills) - len(read),
+            worst_nanos=self.prepared.projected_nanos,
+            worst_fee_nanos=price.fee_nanos(self.prepared.choices)
+            if declares_web_search(body)
+            else 0,
+        )
         estimated = bool(reasons)
         note = None
         if estimated:
             note = "; ".join(reasons) + "; charged the full reservation"
+        if bill.note:
+            note = f"{note}; {bill.note}" if note else bill.note
         settlement = Settlement(
             reservation=self.reservation,
             status=status,
             prompt_tokens=prompt if bills else None,
             cached_tokens=cached if bills else None,
             completion_tokens=completion if bills else None,
-            cost_nanos=price.cost_nanos(prompt, cached, completion) if bills else 0,
+            cost_nanos=bill.cost_nanos if bills else 0,
+            fee_nanos=bill.fee_nanos if bills else 0,
+            cache_write_tokens=bill.cache_write_tokens,
+            usage_json=redact(self.extras.usage_json, self.secrets)[:4000]
+            if self.extras.usage_json
+            else None,
             estimated=estimated,
             attempts=self.attempts,
             finished_at=self.settings.now(),
@@ -593,11 +638,15 @@ def _read_body_sniffer(response: Any) -> SseSniffer | BodySniffer:
     return sniffer
 
 
-def _usage_of_body(response: Any) -> tuple[Usage | None, str | None, str | None]:
+def _usage_of_body(
+    response: Any, extras: Extras | None = None
+) -> tuple[Usage | None, str | None, str | None]:
     try:
         data = json.loads(response.content)
     except (ValueError, UnicodeDecodeError):
         return None, None, "the response body is not JSON"
+    if extras is not None:
+        extras.read_response(data)
     return usage_from_body(data)
 
 

@@ -175,7 +175,10 @@ class BodySniffer:
             data = json.loads(b"".join(self._parts))
         except ValueError:
             return None, None, "the response body is not JSON"
+        self.data = data
         return usage_from_body(data)
+
+    data: Any = None  # the parsed body, once ``result`` has read it
 
 
 class SseSniffer:
@@ -188,7 +191,11 @@ class SseSniffer:
     """
 
     def __init__(self, decoder: Any = None) -> None:
+        from .pricing._responses import ToolCallTally
+
         self.usage: Usage | None = None
+        self.raw_usage: Any = None  # the last readable usage object, as received
+        self.tools = ToolCallTally()
         self.response_id: str | None = None
         self.chunks = 0
         self.done = False
@@ -211,6 +218,7 @@ class SseSniffer:
             return
         complete, self._tail = buffer[: cut + 1], buffer[cut + 1 :]
         self.chunks += complete.count(b"data:")
+        self.tools.feed(complete)  # $web_search calls (billed per call): one find() if none
         if b"[DONE]" in complete:
             self.done = True
         self._scan(complete)
@@ -262,6 +270,7 @@ class SseSniffer:
                 self.bad_usage = True
             else:
                 self.usage = usage
+                self.raw_usage = raw
 
     bad_usage = False  # a usage object was seen and could not be read: the bill is unknown
 
