@@ -585,9 +585,6 @@ class Call:
             cost_nanos=bill.cost_nanos if bills else 0,
             fee_nanos=bill.fee_nanos if bills else 0,
             cache_write_tokens=bill.cache_write_tokens,
-            usage_json=redact(self.extras.usage_json, self.secrets)[:4000]
-            if self.extras.usage_json
-            else None,
             estimated=estimated,
             attempts=self.attempts,
             finished_at=self.settings.now(),
