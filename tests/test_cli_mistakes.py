@@ -100,6 +100,16 @@ def test_demo_in_a_missing_folder_names_it_and_makes_none(tmp_path: Path) -> Non
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.parametrize("command", READING)
+def test_a_ledger_in_a_missing_folder_is_not_suggested_to_the_demo(
+    command: list[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "gone" / "x.db"
+    result = invoke(*command, "--ledger", str(target))
+    assert_user_error(result, f"the folder {tmp_path / 'gone'} does not exist")
+    assert "kimi-budget demo" not in result.stderr
+
+
 def test_demo_in_an_existing_folder_still_works(tmp_path: Path) -> None:
     result = invoke("demo", "--ledger", str(tmp_path / "demo.db"))
     assert result.exit_code == 0, result.output

@@ -200,6 +200,11 @@ def open_ledger(option: Path | None, file: FileConfig) -> Any:
     path, source = resolve_ledger_path(option, file)
     if isinstance(path, Path) and not path.exists():
         named = "--ledger" if source == "argument" else source
+        if not path.absolute().parent.is_dir():
+            raise UserError(
+                f"no ledger at {path} (from {named}): the folder {path.absolute().parent} does "
+                "not exist. Pass --ledger with the path of a kimi-budget ledger."
+            )
         raise UserError(
             f"no ledger at {path} (from {named}): nothing has been recorded there yet. "
             f"Pass --ledger PATH, or run `kimi-budget demo --ledger {path}` to make one."
