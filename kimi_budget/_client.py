@@ -388,9 +388,11 @@ class OpenAI(_Guarded, openai.OpenAI):
 class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` for Moonshot's Kimi API, with a hard cap on spend.
 
-    Takes the same extra arguments as :class:`OpenAI`. Ledger writes are short SQLite
-    transactions and run inline; a budget shared with other processes waits at most
-    ``busy_timeout`` for the file lock.
+    Takes the same extra arguments as :class:`OpenAI`. SQLite ledger writes are short local
+    transactions and run inline (a budget shared with other processes waits at most
+    ``busy_timeout`` for the file lock); a PostgreSQL ledger's reservation is awaited in a
+    worker thread and its settlements are written by its writer thread, so the event loop
+    never waits for a network round trip.
     """
 
     async def request(  # type: ignore[override]
@@ -450,7 +452,7 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
         try:
             try:
-                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+                await self._kb_reserve(call)
             except BudgetExceededError as refused:
                 if prepared.estimate.exact or self._kb.exact_tokens == "never":
                     raise
@@ -460,7 +462,7 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
                     raise refused from None
                 recount_exactly(prepared, _lookup(counts), self._kb)
                 call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
-                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+                await self._kb_reserve(call)
         except BudgetExceededError as exc:
             raise _explained(exc, prepared) from None
         return call
@@ -491,6 +493,29 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             text = (await self.files.content(output_id)).text if output_id else ""
             _batch.settle_batch(self._kb, batch, lambda _file_id: text)
         return result
+
+    async def _kb_reserve(self, call: Call) -> None:
+        """Reserve in the ledger; off the event loop when the ledger waits on a network."""
+        ledger = self._kb.ledger
+        if not getattr(ledger, "blocking_io", False):
+            ledger.reserve(call.reservation, self._kb.budgets)  # a short local transaction
+            return
+        import asyncio
+
+        task = asyncio.ensure_future(
+            asyncio.to_thread(ledger.reserve, call.reservation, self._kb.budgets)
+        )
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Cancelled while the server was being asked: once the reservation is taken, give
+            # it back (the call was never sent) instead of letting it expire at full price.
+            def release(done: asyncio.Future[None]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    call.failed(asyncio.CancelledError())
+
+            task.add_done_callback(release)
+            raise
 
     async def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
         response = await self.post(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from tests.pg_cluster import Server
+from tests.pg_cluster import Cluster, PostgresUnavailable, Server
 
 
 def test_each_test_gets_a_new_empty_database(postgres_server: Server) -> None:
@@ -25,16 +25,19 @@ def test_each_test_gets_a_new_empty_database(postgres_server: Server) -> None:
 
 
 def test_a_restarted_cluster_keeps_its_port_and_its_data(postgres_server: Server) -> None:
-    if postgres_server.cluster is None:
-        pytest.skip("the configured server was not started by tests/pg_cluster.py")
-    url = postgres_server.create_database()
+    # A cluster of its own: restarting the shared one would cut other tests' connections.
     try:
+        cluster = Cluster.temporary()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"needs PostgreSQL's server binaries ({exc})")
+    try:
+        url = cluster.url_for("postgres")
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (42)")
-        port = postgres_server.cluster.port
-        postgres_server.cluster.restart()
-        assert postgres_server.cluster.port == port
+        port = cluster.port
+        cluster.restart()
+        assert cluster.port == port
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT x FROM t").fetchall() == [(42,)]
     finally:
-        postgres_server.drop_database(url)
+        cluster.destroy()

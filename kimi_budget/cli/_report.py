@@ -210,6 +210,12 @@ class _Source:
     params: list[Any]
 
 
+def _is_sqlite(ledger: Ledger) -> bool:
+    from ..ledger._sqlite import SQLiteLedger
+
+    return isinstance(ledger, SQLiteLedger)
+
+
 def _sql_ledger(ledger: Ledger) -> SQLiteLedger:
     """Reports query the SQLite schema directly."""
     from ..ledger._sqlite import SQLiteLedger
@@ -295,6 +301,11 @@ def build_report(
     """
     if source not in ("auto", "rollup", "rows"):
         raise ValueError(f"source must be auto, rollup or rows, not {source!r}.")
+    if not _is_sqlite(ledger):  # a server ledger answers in its own SQL
+        report: Report = ledger.report(  # type: ignore[attr-defined,unused-ignore]
+            by=by, since=since, until=until, model=model, tags=tags, tz=tz, currency=currency
+        )
+        return report
     ledger = _sql_ledger(ledger)
     conn = ledger.conn
     zone = ZoneInfo(tz)
@@ -440,6 +451,11 @@ def list_calls(
     tags: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The latest calls (pending ones too), newest first, money as exact USD strings."""
+    if not _is_sqlite(ledger):  # a server ledger finds its rows itself
+        found_rows = ledger.recent_calls(  # type: ignore[attr-defined,unused-ignore]
+            limit=limit, since=since, until=until, model=model, tags=tags
+        )
+        return [_call_json(row) for row in found_rows]
     ledger = _sql_ledger(ledger)
     conn = ledger.conn
     where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
@@ -476,16 +492,18 @@ def list_calls(
         created, ident = names.index("created_at"), names.index("id")
         found.sort(key=lambda r: (r[created], r[ident]), reverse=True)
         del found[limit:]
-    result = []
-    for values in found:
-        row = dict(zip(names, values, strict=True))
-        row["tags"] = json.loads(row["tags"] or "{}")
-        row["stream"] = bool(row["stream"])
-        row["estimated"] = bool(row["estimated"])
-        row["cost_usd"] = usd(row.pop("cost_nanos"))
-        row["projected_usd"] = usd(row.pop("projected_nanos"))
-        result.append(row)
-    return result
+    return [_call_json(dict(zip(names, values, strict=True))) for values in found]
+
+
+def _call_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``calls`` row as ``list_calls`` shows it."""
+    shown = {name: row[name] for name in _CALL_COLUMNS.split(", ")}
+    shown["tags"] = json.loads(shown["tags"] or "{}")
+    shown["stream"] = bool(shown["stream"])
+    shown["estimated"] = bool(shown["estimated"])
+    shown["cost_usd"] = usd(shown.pop("cost_nanos"))
+    shown["projected_usd"] = usd(shown.pop("projected_nanos"))
+    return shown
 
 
 def _newest_slot(
@@ -563,6 +581,9 @@ def currencies(ledger: Ledger) -> list[str]:
 
     USD first, then the others alphabetically; never an amount summed across two of them.
     """
+    if not _is_sqlite(ledger):
+        codes: list[str] = ledger.currencies()  # type: ignore[attr-defined]
+        return codes
     conn = _sql_ledger(ledger).conn
     columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
     if "currency" not in columns:

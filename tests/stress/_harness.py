@@ -12,6 +12,7 @@ Sizes: ``REDUCED`` runs in CI on every push; ``FULL`` (``KB_STRESS_SIZE=full`` o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,9 +21,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -153,7 +155,49 @@ def read_results(path: Path) -> dict[str, Any]:
 # -- reading a ledger without the library ------------------------------------------------------
 
 
-def ledger_rows(path: Path) -> list[dict[str, Any]]:
+# A ledger under test: a SQLite file (Path) or a PostgreSQL database (its postgresql:// URL).
+Target = Path | str
+
+
+def is_server(target: Target) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def _server_rows(url: str, sql: str) -> list[dict[str, Any]]:
+    """Rows of a PostgreSQL ledger, shaped as SQLite returns them (text instants, JSON text
+    tags, 0/1 flags), so that one judge reads both backends."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from kimi_budget._budget import format_utc, tags_json
+
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        rows = conn.execute(sql).fetchall()
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, datetime):
+                row[key] = format_utc(value)
+            elif isinstance(value, bool):
+                row[key] = int(value)
+            elif key in ("tags", "scope") and isinstance(value, dict):
+                row[key] = tags_json(value)
+    return rows
+
+
+def fallback_file(target: Target) -> Path:
+    """Where the workers would have put settlements the ledger could not take."""
+    if is_server(target):
+        from kimi_budget._redact import redact_url
+        from kimi_budget.ledger._postgres import _fallback_path
+
+        return _fallback_path(redact_url(str(target)))
+    path = Path(target)
+    return path.with_name(path.name + ".fallback.jsonl")
+
+
+def ledger_rows(path: Target) -> list[dict[str, Any]]:
+    if is_server(path):
+        return _server_rows(str(path), "SELECT * FROM calls ORDER BY id")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         conn.row_factory = sqlite3.Row
@@ -162,7 +206,13 @@ def ledger_rows(path: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def window_totals(path: Path) -> list[dict[str, Any]]:
+def window_totals(path: Target) -> list[dict[str, Any]]:
+    if is_server(path):
+        return _server_rows(
+            str(path),
+            "SELECT w.*, s.scope, s.tz FROM window_totals w JOIN budget_scopes s "
+            'ON s.id = w.scope_id ORDER BY w.scope_id, w."window", w.start',
+        )
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         conn.row_factory = sqlite3.Row
@@ -177,7 +227,9 @@ def window_totals(path: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def integrity(path: Path) -> str:
+def integrity(path: Target) -> str:
+    if is_server(path):
+        return "ok"  # PostgreSQL checks its own pages; nothing like SQLite's file to check
     conn = sqlite3.connect(str(path), timeout=30)
     try:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
@@ -219,7 +271,7 @@ def recomputed_totals(
     return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
-def check_totals(path: Path, tz_name: str, windows: Sequence[str]) -> list[str]:
+def check_totals(path: Target, tz_name: str, windows: Sequence[str]) -> list[str]:
     """Every stored window total equals the sum of its rows; nothing is left reserved."""
     problems = []
     rows = ledger_rows(path)
@@ -237,8 +289,10 @@ def check_totals(path: Path, tz_name: str, windows: Sequence[str]) -> list[str]:
     return problems
 
 
-def check_rollup(path: Path) -> list[str]:
+def check_rollup(path: Target) -> list[str]:
     """The report rollup equals a GROUP BY over the settled rows, to the nano-dollar."""
+    if is_server(path):
+        return []  # the PostgreSQL ledger keeps no rollup table
     conn = sqlite3.connect(path)
     try:
         rows = dict(
@@ -285,6 +339,7 @@ class ConcurrencyReport:
     overshoot_nanos: int = 0
     lost_rows: int = 0
     duplicate_rows: int = 0
+    restarts: int = 0
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -302,9 +357,20 @@ def measure_reply_tokens(base_url: str) -> int:
 
 
 def run_concurrency(
-    size: Size, workdir: Path, *, seed: int = 20261128, error_rate: float = 0.08
+    size: Size,
+    workdir: Path,
+    *,
+    seed: int = 20261128,
+    error_rate: float = 0.08,
+    ledger: str | None = None,
+    restart: Callable[[], None] | None = None,
 ) -> ConcurrencyReport:
-    """Workers in processes, threads and asyncio share one ledger and one daily cap."""
+    """Workers in processes, threads and asyncio share one ledger and one daily cap.
+
+    ``ledger``: a postgresql:// URL to run on PostgreSQL (default: a SQLite file in
+    ``workdir``). ``restart``: called once, when a third of the calls are in the ledger (a
+    server restart in the middle of the run); it must return when the server is back.
+    """
     import kimi_budget as kb
     from kimi_budget.testing import MoonshotStandIn
 
@@ -314,7 +380,7 @@ def run_concurrency(
         threads=size.processes * size.threads,
         async_concurrency=size.async_concurrency,
     )
-    ledger = workdir / "ledger.db"
+    target: Target = ledger if ledger is not None else workdir / "ledger.db"
     prices = kb.OpenAI(api_key=KEY, base_url="http://127.0.0.1:9/v1", ledger=workdir / "p.db")
     table = prices._kb.prices
     prices.close()
@@ -349,7 +415,7 @@ def run_concurrency(
         common = {
             "base_url": server.base_url,
             "key": KEY,
-            "ledger": str(ledger),
+            "ledger": str(target),
             "daily": cap,
             "seed": seed,
             "cwd": str(workdir),
@@ -375,6 +441,10 @@ def run_concurrency(
             "out": str(out),
         }
         jobs.append((spawn_worker(cfg), out))
+        restarter = None
+        if restart is not None:
+            restarter = _RestartMidway(target, size.calls // 3, restart)
+            restarter.start()
         results: list[dict[str, Any]] = []
         warnings_seen: list[str] = []
         for proc, out in jobs:
@@ -389,17 +459,51 @@ def run_concurrency(
         requests = server.chat_requests
         server_errors = list(server.errors)
         billed = list(server.billed)
+        if restarter is not None:
+            restarter.join(60)
+            report.restarts = restarter.restarts
+            if restarter.error:
+                report.problems.append(f"the server restart failed: {restarter.error}")
+            elif not restarter.restarts:
+                report.problems.append("the run ended before the server could be restarted")
 
     report.problems += [f"stand-in error: {e!r}" for e in server_errors]
     report.problems += _judge_concurrency(
-        report, ledger, results, warnings_seen, requests, billed, concurrent
+        report, target, results, warnings_seen, requests, billed, concurrent
     )
     return report
 
 
+class _RestartMidway(threading.Thread):
+    """Restarts the server once the ledger holds ``rows`` calls (polled on its own connection)."""
+
+    def __init__(self, target: Target, rows: int, restart: Callable[[], None]) -> None:
+        super().__init__(daemon=True)
+        self.target, self.rows, self.restart = target, rows, restart
+        self.restarts = 0
+        self.error = ""
+
+    def run(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 600
+        try:
+            with psycopg.connect(str(self.target), autocommit=True) as conn:
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(psycopg.Error):
+                        count = conn.execute("SELECT count(*) FROM calls").fetchone()
+                        if count is not None and count[0] >= self.rows:
+                            break
+                    time.sleep(0.05)
+            self.restart()
+            self.restarts += 1
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+
+
 def _judge_concurrency(
     report: ConcurrencyReport,
-    ledger: Path,
+    ledger: Target,
     results: list[dict[str, Any]],
     warnings_seen: list[str],
     requests: Sequence[Any],
@@ -428,7 +532,7 @@ def _judge_concurrency(
             problems.append(f"call {r['id']} failed unexpectedly: {text}")
     for text in warnings_seen:
         problems.append(f"a worker was warned: {text}")
-    if ledger.with_name(ledger.name + ".fallback.jsonl").exists():
+    if fallback_file(ledger).exists():
         problems.append("settlements went to the fallback file: the ledger was not writable")
 
     rows = ledger_rows(ledger)
