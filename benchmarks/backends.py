@@ -183,6 +183,23 @@ BACKENDS = ("sqlite", "postgresql", "postgresql, synchronous_commit=off")
 
 
 def run(*, tiny: bool = False) -> dict[str, Any]:
+    try:
+        import psycopg  # noqa: F401
+
+        from tests.pg_cluster import find_bindir
+
+        if not os.environ.get("KIMI_BUDGET_BENCH_POSTGRES"):
+            find_bindir()
+    except Exception as exc:  # no driver or no server binaries: say so, measure nothing
+        return {
+            "text": f"Not run: PostgreSQL is not available here ({exc}). Install the postgres "
+            f'extra (pip install -e ".[postgres]") and Debian\'s postgresql package, or set '
+            f"KIMI_BUDGET_BENCH_POSTGRES to a server URL.",
+        }
+    return _run(tiny=tiny)
+
+
+def _run(*, tiny: bool) -> dict[str, Any]:
     seconds = 0.5 if tiny else 10.0
     counts = (1, 2) if tiny else (1, 8)
     sizes = (1_000, 5_000) if tiny else (1_000, 1_000_000)
@@ -223,6 +240,8 @@ def run(*, tiny: bool = False) -> dict[str, Any]:
                 results["flat"].append((rows, flat(url, flat_cycles)))
             finally:
                 server.drop_database(url)
+    wrong = [f"{b} x{o['processes']}" for b, o in results["contention"] if not o["exact"]]
+    assert not wrong, f"ledger not exact after the run: {wrong}"
     contention_rows = [
         [
             backend,

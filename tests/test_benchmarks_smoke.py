@@ -53,6 +53,7 @@ def test_run_tiny_prints_every_benchmark(tmp_path: Path) -> None:
         "6. Memory of a long stream",
         "7. Where the added time goes",
         "8. The async event loop",
+        "9. The two ledger backends",
         "## Targets",
     ):
         assert title in out, f"missing section {title!r}"
