@@ -1,13 +1,15 @@
 """``OpenAI`` and ``AsyncOpenAI``: the SDK's clients, guarded.
 
 Modelled on the SDK's own ``AzureOpenAI``: a subclass that takes every argument the parent
-takes, keeps its extra state through ``copy()``/``with_options()``, and hooks two methods:
+takes, keeps its extra state through ``copy()``/``with_options()``, and hooks these methods:
 
 - ``request()``, the single choke point of every endpoint: chat completions are pre-checked,
-  reserved and settled around it, and every endpoint's HTTP attempts are retried by our one
-  tenacity policy (each attempt runs with the SDK's own retries off).
-- ``_send_request()``, one HTTP attempt: counts attempts, and puts a usage-watching tee on a
-  streamed body (see ``_streams``).
+  reserved and settled around the SDK's own ``request()``, whose loop makes the HTTP attempts.
+- ``_send_request()``, one HTTP attempt: counts attempts, keeps the reservation alive, puts a
+  usage-watching tee on a streamed body (see ``_streams``), and stops the SDK's loop from
+  sending again a chat completion that may have been billed without an answer.
+- ``_should_retry()`` and ``_calculate_retry_timeout()``, the decision points of the SDK's
+  retry loop: our policy (``_retry``) answers them for every endpoint.
 
 Nothing the caller receives is changed: no ``stream_options`` are added, results are the
 SDK's own objects, and errors from Moonshot are the SDK's own exception classes.
@@ -46,7 +48,7 @@ from ._guard import (
     request_body,
 )
 from ._provider import resolve_provider
-from ._retry import explain_quota_error
+from ._retry import explain_quota_error, judge, stop_resending, wait_after, was_sent
 from ._streams import body_was_read
 from .ledger import Ledger
 
@@ -72,15 +74,6 @@ _GUARD_ARGS = (
 )
 
 
-def _attempt_options(options: Any, number: int) -> Any:
-    """The options of one HTTP attempt: the SDK's own retries off, the attempt numbered."""
-    attempt = options.model_copy()
-    attempt.max_retries = 0
-    headers = dict(options.headers or {})
-    if not any(key.lower() == "x-stainless-retry-count" for key in headers):
-        headers["x-stainless-retry-count"] = str(number - 1)
-    attempt.headers = headers
-    return attempt
 
 
 class _Guarded:
@@ -89,6 +82,7 @@ class _Guarded:
     _kb: GuardSettings
     api_key: Any
     base_url: Any
+    max_retries: int
 
     @property
     def ledger(self) -> Ledger:
@@ -116,6 +110,29 @@ class _Guarded:
         # overrides, e.g. for a proxy in front of it).
         self._kb = (
             guard if guard is not None else resolve_settings(**given, base_url=self.base_url)
+        )
+
+    # -- the SDK's retry loop asks our policy (see _retry) -------------------------------
+
+    def _should_retry(self, response: Any) -> bool:
+        error = self._make_status_error_from_response(response)  # type: ignore[attr-defined]
+        try:
+            attempt = int(response.request.headers.get("x-stainless-retry-count", "0")) + 1
+        except (ValueError, RuntimeError):
+            attempt = 1
+        sdk = super()._should_retry  # type: ignore[misc]
+        return judge(self._kb.retry, error, response.headers, attempt, lambda: sdk(response))
+
+    def _calculate_retry_timeout(
+        self, remaining_retries: int, options: Any, response_headers: Any = None
+    ) -> float:
+        attempt = options.get_max_retries(self.max_retries) - remaining_retries + 1
+        sdk = super()._calculate_retry_timeout  # type: ignore[misc]
+        return wait_after(
+            self._kb.retry,
+            response_headers,
+            attempt,
+            lambda: sdk(remaining_retries, options, response_headers),
         )
 
     def _kb_failed(self, call: Call, exc: BaseException) -> BaseException:
@@ -241,20 +258,19 @@ class OpenAI(_Guarded, openai.OpenAI):
     def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
     ) -> Any:
-        parent = super().request
-        max_retries = options.get_max_retries(self.max_retries)
-
-        def send(attempt: Any) -> Any:
-            return parent(cast_to, attempt, stream=stream, stream_cls=stream_cls)
-
         if not is_chat_completion(options):
             if (action := batch_action(options)) is not None:
-                return self._kb_batch(action, send, options, max_retries)
-            return self._kb_attempts(send, options, max_retries, None)
+                parent = super().request
+                return self._kb_batch(
+                    action,
+                    lambda opts: parent(cast_to, opts, stream=stream, stream_cls=stream_cls),
+                    options,
+                )
+            return super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         call = self._kb_begin(options, stream)
         token = ACTIVE_CALL.set(call)
         try:
-            result = self._kb_attempts(send, options, max_retries, call)
+            result = super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         except BaseException as exc:
             clearer = self._kb_failed(call, exc)
             if clearer is exc:
@@ -264,17 +280,6 @@ class OpenAI(_Guarded, openai.OpenAI):
             ACTIVE_CALL.reset(token)
         call.succeeded(result)
         return result
-
-    def _kb_attempts(
-        self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None
-    ) -> Any:
-        retrying = self._kb.retry.retrying(
-            max_retries, call.before_attempt if call else None, guarded=call is not None
-        )
-        for attempt in retrying:
-            with attempt:
-                return send(_attempt_options(options, attempt.retry_state.attempt_number))
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
     def _kb_begin(self, options: Any, stream: bool) -> Call:
         body = request_body(options)
@@ -292,9 +297,7 @@ class OpenAI(_Guarded, openai.OpenAI):
             raise _explained(exc, prepared) from None
         return call
 
-    def _kb_batch(
-        self, action: tuple[str, str | None], send: Any, options: Any, max_retries: int
-    ) -> Any:
+    def _kb_batch(self, action: tuple[str, str | None], send: Any, options: Any) -> Any:
         """``batches.create``: reserve every request's worst case first (see ``_batch``);
         ``batches.retrieve``: settle a finished batch from its output file."""
         if action[0] == "create":
@@ -306,13 +309,13 @@ class OpenAI(_Guarded, openai.OpenAI):
             self._kb.ledger.reserve(reservation, self._kb.budgets)
             options = _batch.with_call_id(options, reservation.call_id)
             try:
-                result = self._kb_attempts(send, options, max_retries, None)
+                result = send(options)
             except BaseException as exc:
                 _batch.release(self._kb, reservation, exc)
                 raise
             _batch.remember(str(_batch.parsed(result).id), reservation)
             return result
-        result = self._kb_attempts(send, options, max_retries, None)
+        result = send(options)
         _batch.settle_batch(
             self._kb, _batch.parsed(result), lambda file_id: self.files.content(file_id).text
         )
@@ -329,15 +332,22 @@ class OpenAI(_Guarded, openai.OpenAI):
 
     def _send_request(self, request: Any, *, stream: bool, **kwargs: Any) -> Any:
         call = ACTIVE_CALL.get()
-        if call is None:
-            return super()._send_request(request, stream=stream, **kwargs)
-        call.in_flight = True
+        if call is not None:
+            call.before_attempt(call.attempts + 1)
+            call.in_flight = True
         try:
             response = super()._send_request(request, stream=stream, **kwargs)
         except Exception as exc:
+            if call is None:
+                raise
             call.on_transport_error(exc)
+            if was_sent(exc):
+                raise stop_resending(exc, request) from exc
             raise
-        call.on_response(response, stream)  # watches the body for the bill
+        if response.status_code >= 400 and not body_was_read(response):
+            response.read()  # _should_retry reads Moonshot's error type; it may carry usage
+        if call is not None:
+            call.on_response(response, stream)  # watches the body for the bill
         return response
 
     def balance(self) -> Balance:
@@ -398,20 +408,19 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
     async def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
     ) -> Any:
-        parent = super().request
-        max_retries = options.get_max_retries(self.max_retries)
-
-        async def send(attempt: Any) -> Any:
-            return await parent(cast_to, attempt, stream=stream, stream_cls=stream_cls)
-
         if not is_chat_completion(options):
             if (action := batch_action(options)) is not None:
-                return await self._kb_batch(action, send, options, max_retries)
-            return await self._kb_attempts(send, options, max_retries, None)
+                parent = super().request
+                return await self._kb_batch(
+                    action,
+                    lambda opts: parent(cast_to, opts, stream=stream, stream_cls=stream_cls),
+                    options,
+                )
+            return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         call = await self._kb_begin(options, stream)
         token = ACTIVE_CALL.set(call)
         try:
-            result = await self._kb_attempts(send, options, max_retries, call)
+            result = await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         except BaseException as exc:
             clearer = self._kb_failed(call, exc)
             if clearer is exc:
@@ -421,17 +430,6 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             ACTIVE_CALL.reset(token)
         call.succeeded(result)
         return result
-
-    async def _kb_attempts(
-        self, send: Callable[[Any], Any], options: Any, max_retries: int, call: Call | None
-    ) -> Any:
-        retrying = self._kb.retry.async_retrying(
-            max_retries, call.before_attempt if call else None, guarded=call is not None
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await send(_attempt_options(options, attempt.retry_state.attempt_number))
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
 
     async def _kb_begin(self, options: Any, stream: bool) -> Call:
         body = request_body(options)
@@ -467,9 +465,7 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             raise _explained(exc, prepared) from None
         return call
 
-    async def _kb_batch(
-        self, action: tuple[str, str | None], send: Any, options: Any, max_retries: int
-    ) -> Any:
+    async def _kb_batch(self, action: tuple[str, str | None], send: Any, options: Any) -> Any:
         """As the sync client's (see ``_batch``)."""
         if action[0] == "create":
             body = _batch.create_body(options)
@@ -480,13 +476,13 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             self._kb.ledger.reserve(reservation, self._kb.budgets)
             options = _batch.with_call_id(options, reservation.call_id)
             try:
-                result = await self._kb_attempts(send, options, max_retries, None)
+                result = await send(options)
             except BaseException as exc:
                 _batch.release(self._kb, reservation, exc)
                 raise
             _batch.remember(str(_batch.parsed(result).id), reservation)
             return result
-        result = await self._kb_attempts(send, options, max_retries, None)
+        result = await send(options)
         batch = _batch.parsed(result)
         if _batch.TERMINAL.get(str(getattr(batch, "status", ""))) is not None:
             output_id = getattr(batch, "output_file_id", None)
@@ -527,18 +523,23 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
 
     async def _send_request(self, request: Any, *, stream: bool, **kwargs: Any) -> Any:
         call = ACTIVE_CALL.get()
-        if call is None:
-            return await super()._send_request(request, stream=stream, **kwargs)
-        call.in_flight = True
+        if call is not None:
+            call.before_attempt(call.attempts + 1)
+            call.in_flight = True
         try:
             response = await super()._send_request(request, stream=stream, **kwargs)
         except Exception as exc:
+            if call is None:
+                raise
             call.on_transport_error(exc)
+            if was_sent(exc):
+                raise stop_resending(exc, request) from exc
             raise
         if response.status_code >= 400 and not body_was_read(response):
-            # An error body may carry usage; the SDK's retry loop would close it unread.
+            # _should_retry reads Moonshot's error type; the body may carry usage too.
             await response.aread()
-        call.on_response(response, stream)  # watches the body for the bill
+        if call is not None:
+            call.on_response(response, stream)  # watches the body for the bill
         return response
 
     async def balance(self) -> Balance:

@@ -1,36 +1,62 @@
-"""One retry policy, on tenacity, that knows Moonshot's errors.
+"""The retry policy the SDK's own retry loop consults: it knows Moonshot's errors.
 
-Moonshot answers 429 both for "slow down" (``rate_limit_reached_error``,
-``engine_overloaded_error``) and for "your balance is empty" (``exceeded_current_quota_error``).
-The SDK's own retry treats them alike; this policy retries only what can succeed, waits as long
-as the server asks (``retry-after-ms``, ``Retry-After``, or "try again after N seconds" in the
-message), and caps every wait. The SDK runs each attempt with ``max_retries=0``, so attempts
-never multiply.
+The SDK's request loop (``SyncAPIClient.request`` / ``AsyncAPIClient.request``) does the
+looping, and with it what a loop of our own would lose: it validates ``max_retries``, rebuilds
+each attempt (numbered in ``x-stainless-retry-count``), rewinds a request body or refuses to
+replay one it cannot rewind, counts ``retries_taken`` into the response, and sleeps with the
+running async library (asyncio or trio). Our clients override its decision points, and this
+module decides:
+
+- ``_should_retry(response)``: whether a 4xx/5xx answer can succeed if tried again. Moonshot
+  answers 429 both for "slow down" (``rate_limit_reached_error``, ``engine_overloaded_error``)
+  and for "your balance is empty" (``exceeded_current_quota_error``, also as 403); the SDK
+  treats them alike, this policy never retries an empty balance. Where Moonshot's rules say
+  nothing, the SDK's own verdict stands (``x-should-retry``, 408/409/429/5xx, and no retry
+  when ``Retry-After`` asks for more than its limit of 120 s).
+- ``_calculate_retry_timeout(remaining_retries, options, response_headers)``: how long to
+  wait: what Moonshot's message asks ("try again after N seconds", which the SDK does not
+  read; more than 120 s is not retried, as the SDK does for ``Retry-After``), else the SDK's
+  own wait (``retry-after-ms``/``Retry-After``, else jittered exponential backoff).
+- A chat completion that may have been billed without an answer (a read timeout, a connection
+  lost after sending) is never sent again: ``_send_request`` raises the SDK's own
+  ``APITimeoutError``/``APIConnectionError`` there, which the SDK's loop passes through
+  unretried (see ``stop_resending``).
+
+Both decisions are tenacity strategies (``RetryPolicy.retry`` and ``RetryPolicy.wait``, which
+any of tenacity's can replace), evaluated on a ``RetryCallState`` made for the failed attempt.
+Nothing of tenacity is imported or built until an attempt has failed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
-import tenacity
 
 from ._redact import redact
+
+if TYPE_CHECKING:
+    import tenacity
+    from tenacity.retry import retry_base
+    from tenacity.wait import wait_base
 
 __all__ = [
     "RetryPolicy",
     "error_type",
     "explain_quota_error",
     "is_retryable",
-    "is_retryable_call",
+    "message_wait",
+    "server_wait",
+    "stop_resending",
     "was_sent",
 ]
 
@@ -42,6 +68,8 @@ NEVER_RETRY_TYPES = frozenset(
 )
 # Besides 5xx: request timeout and conflict, which the SDK retries too.
 RETRYABLE_STATUS = frozenset({408, 409})
+# The SDK's MAX_RETRY_AFTER_DELAY (openai 2.x and 3.x): a longer requested wait is not retried.
+MAX_SERVER_WAIT = 120.0
 _AFTER_SECONDS = re.compile(r"try again (?:after|in) (\d+(?:\.\d+)?) ?(?:s\b|sec|second)", re.I)
 
 
@@ -57,7 +85,7 @@ def error_type(exc: BaseException) -> str | None:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether a failed attempt can succeed if tried again."""
+    """Whether a failed attempt can succeed if tried again (whatever the server asks to wait)."""
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         return True
     if not isinstance(exc, openai.APIStatusError):
@@ -88,13 +116,17 @@ def was_sent(exc: BaseException) -> bool:
     return type(exc).__name__ not in ("ConnectError", "ConnectTimeout")
 
 
-def is_retryable_call(exc: BaseException) -> bool:
-    """``is_retryable`` for a guarded chat completion.
+def stop_resending(exc: Exception, request: Any) -> openai.OpenAIError:
+    """The SDK's own error for a transport failure, raised so that its loop does not retry.
 
-    A completion that may have been billed without an answer is not sent again: the second
-    bill would not be covered by the call's reservation, so the cap could be overshot.
+    The SDK's loop passes any ``OpenAIError`` from ``_send_request`` through unretried; it
+    would have wrapped the transport's error in exactly this class after its last attempt.
     """
-    return is_retryable(exc) and not was_sent(exc)
+    if isinstance(exc, openai.OpenAIError):
+        return exc
+    if any(cls.__name__ == "TimeoutException" for cls in type(exc).__mro__):
+        return openai.APITimeoutError(request=request)
+    return openai.APIConnectionError(request=request)
 
 
 def server_wait(exc: BaseException) -> float | None:
@@ -115,16 +147,16 @@ def server_wait(exc: BaseException) -> float | None:
             except ValueError:
                 try:
                     return max(parsedate_to_datetime(after).timestamp() - time.time(), 0.0)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     pass
     match = _AFTER_SECONDS.search(str(getattr(exc, "message", "") or exc))
     return float(match.group(1)) if match else None
 
 
 def _seconds(value: float) -> float:
-    if not math.isfinite(value):
+    if math.isnan(value):
         raise ValueError(value)
-    return max(value, 0.0)
+    return max(value, 0.0)  # inf stays inf: far above any limit, so not retried
 
 
 def explain_quota_error(exc: BaseException, secrets: tuple[str, ...] = ()) -> BaseException:
@@ -149,76 +181,158 @@ def explain_quota_error(exc: BaseException, secrets: tuple[str, ...] = ()) -> Ba
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Jittered exponential backoff that honours the server's requested waits, capped.
+    """Whether and how long to wait before the SDK's loop tries a failed attempt again.
 
-    ``max_retries`` comes from the client (``OpenAI(max_retries=...)`` or ``with_options``).
+    How many times is the SDK's ``max_retries`` (``OpenAI(max_retries=...)``,
+    ``with_options(max_retries=...)`` or per request). The default decision is Moonshot's
+    rules first, then the SDK's own (``x-should-retry``, 408/409/429/5xx, no retry when the
+    server asks for more than ``max_wait``); the default wait is what Moonshot's message asks
+    ("try again after N seconds", plus up to ``jitter`` seconds so that a crowd of workers
+    spreads out), else the SDK's own (``Retry-After``, else 0.5 * 2^n s up to 8 s, jittered).
+    ``retry`` and ``wait`` replace them with any tenacity strategies; they see the SDK's
+    status error for a 4xx/5xx, its ``APIConnectionError`` for a timeout or lost connection.
     """
 
-    initial_wait: float = 0.5
-    max_backoff: float = 8.0
-    max_wait: float = 60.0
+    max_wait: float = MAX_SERVER_WAIT
     jitter: float = 0.25
+    retry: retry_base | None = field(default=None, compare=False)
+    wait: wait_base | None = field(default=None, compare=False)
 
-    def wait(self, attempt: int, exc: BaseException | None) -> float:
-        asked = server_wait(exc) if exc is not None else None
-        if asked is not None:
-            # A little jitter after the stated time spreads a crowd of workers apart.
-            return float(min(asked + random.uniform(0, self.jitter), self.max_wait))
-        backoff = min(self.initial_wait * 2 ** (attempt - 1), self.max_backoff)
-        return float(min(backoff * random.uniform(1 - self.jitter, 1.0), self.max_wait))
+    def should_retry(
+        self, failure: BaseException, attempt: int = 1, sdk: Callable[[], bool] | None = None
+    ) -> bool:
+        """Whether to try again after attempt number ``attempt`` failed with ``failure``.
 
-    def _kwargs(
-        self, max_retries: int, before: Callable[[int], None] | None, guarded: bool
-    ) -> dict[str, Any]:
-        def wait(state: tenacity.RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            return float(self.wait(state.attempt_number, exc))
+        ``sdk`` is the SDK's own verdict, asked only when Moonshot's rules have none.
+        """
+        strategy = self.retry or _moonshot_retry(self, sdk)
+        return bool(strategy(_failed_attempt(failure, attempt)))
 
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            seconds = state.next_action.sleep if state.next_action else 0.0
-            log.info(
-                "kimi-budget: attempt %d failed (%s); retrying in %.2f s",
-                state.attempt_number,
-                _short(exc),
-                seconds,
-            )
+    def seconds(
+        self,
+        failure: BaseException | None,
+        attempt: int = 1,
+        sdk: Callable[[], float] | None = None,
+    ) -> float:
+        """How long to wait after attempt number ``attempt`` failed (``failure`` if known).
 
-        def before_attempt(state: tenacity.RetryCallState) -> None:
-            if before is not None:
-                before(state.attempt_number)
+        ``sdk`` is the SDK's own wait, used when Moonshot's message asks for none.
+        """
+        strategy = self.wait or _moonshot_wait(self, sdk)
+        value = float(strategy(_failed_attempt(failure, attempt)))
+        return value if math.isfinite(value) and value > 0 else 0.0
 
-        return dict(
-            stop=tenacity.stop_after_attempt(max(max_retries, 0) + 1),
-            retry=tenacity.retry_if_exception(is_retryable_call if guarded else is_retryable),
-            wait=wait,
-            before=before_attempt,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
+    def verdict(self, failure: BaseException) -> bool | None:
+        """Moonshot's rules: False for what waiting cannot fix, None when they do not say."""
+        if not isinstance(failure, openai.APIStatusError):
+            return None
+        kind = error_type(failure)
+        if kind in NEVER_RETRY_TYPES:
+            return False  # an empty balance, a filtered prompt, a terminated account
+        if failure.status_code == 429 and kind is not None and kind not in RETRYABLE_TYPES:
+            return False  # a 429 that is not "slow down"
+        asked = message_wait(failure)
+        if asked is not None and asked > self.max_wait:
+            return False  # fail fast, as the SDK does for a Retry-After over its limit
+        return None
 
-    def retrying(
-        self, max_retries: int, before: Callable[[int], None] | None = None, *, guarded: bool
-    ) -> tenacity.Retrying:
-        """The attempts of one request; ``guarded`` for a chat completion with a reservation."""
-        return tenacity.Retrying(sleep=_sleep, **self._kwargs(max_retries, before, guarded))
-
-    def async_retrying(
-        self, max_retries: int, before: Callable[[int], None] | None = None, *, guarded: bool
-    ) -> tenacity.AsyncRetrying:
-        return tenacity.AsyncRetrying(
-            sleep=_async_sleep, **self._kwargs(max_retries, before, guarded)
-        )
+    def asked(self, failure: BaseException | None) -> float | None:
+        """The wait Moonshot's message asks for (with jitter), if it asks and headers do not."""
+        asked = message_wait(failure) if failure is not None else None
+        if asked is None or not 0 < asked <= self.max_wait:
+            return None
+        return float(asked + random.uniform(0, self.jitter))
 
 
-def _sleep(seconds: float) -> None:
-    time.sleep(seconds)
+def message_wait(failure: BaseException) -> float | None:
+    """The wait in Moonshot's message, when the response has no ``Retry-After`` header."""
+    headers = getattr(getattr(failure, "response", None), "headers", None)
+    if headers is not None and (headers.get("retry-after-ms") or headers.get("retry-after")):
+        return None  # the SDK reads those itself
+    match = _AFTER_SECONDS.search(str(getattr(failure, "message", "") or failure))
+    return float(match.group(1)) if match else None
 
 
-async def _async_sleep(seconds: float) -> None:
-    import asyncio
+def _moonshot_retry(policy: RetryPolicy, sdk: Callable[[], bool] | None) -> retry_base:
+    import tenacity
 
-    await asyncio.sleep(seconds)
+    def moonshot_allows(exc: BaseException) -> bool:
+        return policy.verdict(exc) is not False
+
+    def sdk_allows(exc: BaseException) -> bool:
+        return sdk() if sdk is not None else is_retryable(exc)
+
+    return tenacity.retry_if_exception(moonshot_allows) & tenacity.retry_if_exception(sdk_allows)
+
+
+def _moonshot_wait(policy: RetryPolicy, sdk: Callable[[], float] | None) -> wait_base:
+    from tenacity.wait import wait_base
+
+    class MessageOrSdk(wait_base):
+        """What Moonshot's message asks, else the SDK's own wait."""
+
+        def __call__(self, state: tenacity.RetryCallState) -> float:
+            failure = state.outcome.exception() if state.outcome is not None else None
+            asked = policy.asked(failure)
+            if asked is not None:
+                return asked
+            if sdk is not None:
+                return float(sdk())
+            backoff = min(0.5 * 2.0 ** (state.attempt_number - 1), 8.0)
+            return float(backoff * random.uniform(0.75, 1.0))
+
+    return MessageOrSdk()
+
+
+def _failed_attempt(failure: BaseException | None, attempt: int) -> tenacity.RetryCallState:
+    """A tenacity call state for attempt number ``attempt``, which failed with ``failure``."""
+    import tenacity
+
+    state = tenacity.RetryCallState(
+        retry_object=None,  # type: ignore[arg-type]  # the SDK's loop, not a Retrying
+        fn=None,
+        args=(),
+        kwargs={},
+    )
+    state.attempt_number = max(attempt, 1)
+    if failure is None:
+        failure = openai.APIConnectionError(request=None)  # type: ignore[arg-type]
+    state.set_exception((type(failure), failure, failure.__traceback__))
+    return state
+
+
+# The status error _should_retry judged last in this thread or task, keyed by its response's
+# headers: _calculate_retry_timeout, which the SDK calls next with those headers only, reads
+# the wait from its body ("try again after N seconds").
+_JUDGED: contextvars.ContextVar[tuple[Any, BaseException] | None] = contextvars.ContextVar(
+    "kimi_budget_judged", default=None
+)
+
+
+def judge(
+    policy: RetryPolicy, error: BaseException, headers: Any, attempt: int, sdk: Callable[[], bool]
+) -> bool:
+    """``_should_retry``: whether to retry the status error ``error``; remembers it."""
+    _JUDGED.set((headers, error))
+    retry = policy.should_retry(error, attempt, sdk)
+    if not retry:
+        log.debug("kimi-budget: not retrying %s", _short(error))
+    return retry
+
+
+def wait_after(policy: RetryPolicy, headers: Any, attempt: int, sdk: Callable[[], float]) -> float:
+    """``_calculate_retry_timeout``: the seconds to wait after attempt number ``attempt``."""
+    judged = _JUDGED.get()
+    failure = judged[1] if judged is not None and judged[0] is headers else None
+    _JUDGED.set(None)
+    seconds = policy.seconds(failure, attempt, sdk)
+    log.info(
+        "kimi-budget: attempt %d failed (%s); retrying in %.2f s",
+        attempt,
+        _short(failure) if failure is not None else "no answer",
+        seconds,
+    )
+    return seconds
 
 
 def _short(exc: BaseException | None) -> str:

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import openai._base_client
 import pytest
 import respx
 
@@ -30,16 +32,31 @@ RATE_LIMITED = (
 )
 
 
+class _Module:
+    """A module with some names replaced (the rest are the module's own)."""
+
+    def __init__(self, module: Any, **replaced: Any) -> None:
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
+
+
 @pytest.fixture
 def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record the waits instead of sleeping them."""
+    """Record the waits the SDK's retry loop would sleep, instead of sleeping them."""
+    import time
+
+    import anyio
+    import openai._base_client as base
+
     taken: list[float] = []
-    monkeypatch.setattr(_retry, "_sleep", taken.append)
 
     async def async_sleep(seconds: float) -> None:
         taken.append(seconds)
 
-    monkeypatch.setattr(_retry, "_async_sleep", async_sleep)
+    monkeypatch.setattr(base, "time", _Module(time, sleep=taken.append))
+    monkeypatch.setattr(base, "anyio", _Module(anyio, sleep=async_sleep))
     return taken
 
 
@@ -163,7 +180,7 @@ def test_other_endpoints_use_the_same_retry_layer(
     assert route.call_count == 2 and len(waits) == 1
 
 
-def test_retry_after_headers_are_honoured_and_capped(
+def test_retry_after_headers_are_honoured(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
 ) -> None:
     moonshot_mock.post("/chat/completions").mock(
@@ -173,17 +190,38 @@ def test_retry_after_headers_are_honoured_and_capped(
             httpx.Response(200, json=completion()),
         ]
     )
-    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
-    assert 1.5 <= waits[0] <= 1.75 and 3 <= waits[1] <= 3.25
-    policy = _retry.RetryPolicy(max_wait=10)
-    huge = openai.RateLimitError(
-        "x",
-        response=httpx.Response(
-            429, headers={"retry-after": "3600"}, request=httpx.Request("POST", MOCK_BASE_URL)
-        ),
-        body=None,
+    response = mocked_client.chat.completions.with_raw_response.create(
+        model="kimi-k2.5", messages=MESSAGES, max_tokens=5
     )
-    assert policy.wait(1, huge) == 10
+    assert 1.5 <= waits[0] <= 1.75 and 3 <= waits[1] <= 3.25
+    assert response.retries_taken == 2  # the SDK's own loop counted them
+    assert rows(mocked_client)[0]["attempts"] == 3
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"retry-after": "3600"}, "slow down"),
+        ({}, "request reached max RPM, please try again after 600 seconds"),
+    ],
+)
+def test_a_wait_above_the_sdk_limit_fails_fast(
+    mocked_client: kb.OpenAI,
+    moonshot_mock: respx.Router,
+    waits: list[float],
+    headers: dict[str, str],
+    message: str,
+) -> None:
+    # The SDK does not retry a Retry-After above 120 s; neither does a wait Moonshot asks for
+    # in its message.
+    route = moonshot_mock.post("/chat/completions").mock(
+        return_value=error(429, "rate_limit_reached_error", message, **headers)
+    )
+    with pytest.raises(openai.RateLimitError):
+        mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 1 and waits == []
+    [row] = rows(mocked_client)
+    assert row["attempts"] == 1 and row["status"] == "error" and row["cost_nanos"] == 0
 
 
 def test_connection_errors_are_retried_and_recorded(
@@ -496,3 +534,144 @@ def test_wait_is_parsed_from_moonshot_message() -> None:
     assert _retry.server_wait(exc) == 7.0
     assert _retry.is_retryable(exc)
     assert _retry.error_type(exc) == "rate_limit_reached_error"
+
+
+# -- the SDK's own loop does the looping ----------------------------------------------------
+
+NEEDS_BODY_REPLAY = pytest.mark.skipif(
+    not hasattr(openai._base_client, "_RequestBodyReplay"),
+    reason="openai < 3 does not rewind request bodies",
+)
+
+
+@NEEDS_BODY_REPLAY
+def test_a_seekable_upload_is_rewound_for_the_retry(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    import io
+
+    route = moonshot_mock.post("/files").mock(
+        side_effect=[
+            httpx.Response(500),
+            httpx.Response(
+                200,
+                json={
+                    "id": "file-1",
+                    "object": "file",
+                    "bytes": 4,
+                    "created_at": 0,
+                    "filename": "a.jsonl",
+                    "purpose": "batch",
+                    "status": "processed",
+                },
+            ),
+        ]
+    )
+    mocked_client.files.create(file=("a.jsonl", io.BytesIO(b"{}\n\n")), purpose="batch")
+    assert route.call_count == 2 and len(waits) == 1
+    first, second = (call.request.content for call in route.calls)
+    assert b"{}\n\n" in first and b"{}\n\n" in second
+
+
+@NEEDS_BODY_REPLAY
+def test_a_one_shot_body_is_not_replayed(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    route = moonshot_mock.post("/uploads/raw").mock(
+        side_effect=[httpx.Response(500), httpx.Response(200, json={})]
+    )
+    with pytest.raises(openai.InternalServerError):
+        mocked_client.post(
+            "/uploads/raw",
+            cast_to=object,
+            content=(part for part in [b"once"]),  # type: ignore[arg-type]
+        )
+    assert route.call_count == 1 and waits == []
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, float("nan"), float("inf")])
+def test_a_per_request_max_retries_is_validated_by_the_sdk(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, bad: float
+) -> None:
+    if not hasattr(openai._base_client.BaseClient, "_validate_max_retries"):
+        pytest.skip("openai < 3 does not validate max_retries")
+    route = moonshot_mock.post("/chat/completions").mock(return_value=error(500, "x", "y"))
+    with pytest.raises((TypeError, ValueError), match="max_retries"):
+        mocked_client.post(
+            "/chat/completions",
+            body={"model": "kimi-k2.5", "messages": MESSAGES, "max_tokens": 5},
+            cast_to=object,
+            options={"max_retries": bad},  # type: ignore[typeddict-item]
+        )
+    assert route.call_count == 0
+    [row] = rows(mocked_client)  # reserved, never sent: settled at $0
+    assert row["attempts"] == 0 and row["cost_nanos"] == 0 and mocked_client.ledger.pending() == []
+
+
+def test_async_retries_run_under_trio(moonshot_mock: respx.Router, ledger_path: Path) -> None:
+    trio = pytest.importorskip("trio")
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[
+            error(429, "engine_overloaded_error", "busy", **{"retry-after-ms": "1"}),
+            httpx.Response(200, json=completion()),
+        ]
+    )
+
+    async def main() -> kb.AsyncOpenAI:
+        client = kb.AsyncOpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
+        client._kb = replace(client._kb, retry=_retry.RetryPolicy(jitter=0))
+        response = await client.chat.completions.with_raw_response.create(
+            model="kimi-k2.5", messages=MESSAGES, max_tokens=5
+        )
+        assert response.retries_taken == 1
+        return client
+
+    client = trio.run(main)
+    assert route.call_count == 2 and rows(client)[0]["attempts"] == 2
+
+
+def test_no_tenacity_until_an_attempt_fails(
+    mocked_client: kb.OpenAI,
+    moonshot_mock: respx.Router,
+    waits: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[int] = []
+    original = _retry._failed_attempt
+
+    def counted(failure: BaseException | None, attempt: int) -> Any:
+        made.append(attempt)
+        return original(failure, attempt)
+
+    monkeypatch.setattr(_retry, "_failed_attempt", counted)
+    moonshot_mock.post("/chat/completions").mock(
+        side_effect=[
+            httpx.Response(200, json=completion()),
+            error(503, "engine_overloaded_error", "busy"),
+            httpx.Response(200, json=completion()),
+        ]
+    )
+    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert made == []
+    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert made == [1, 1]  # one state for the decision, one for the wait
+    assert [row["attempts"] for row in rows(mocked_client)] == [1, 2]
+
+
+def test_tenacity_strategies_can_replace_the_policy(
+    mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
+) -> None:
+    import tenacity
+
+    mocked_client._kb = replace(
+        mocked_client._kb,
+        retry=_retry.RetryPolicy(
+            retry=tenacity.retry_if_exception_type(openai.InternalServerError),
+            wait=tenacity.wait_fixed(0.25),
+        ),
+    )
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[error(500, "server_error", "x"), httpx.Response(200, json=completion())]
+    )
+    mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+    assert route.call_count == 2 and waits == [0.25]
