@@ -17,6 +17,7 @@ SDK's own objects, and errors from Moonshot are the SDK's own exception classes.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
@@ -27,12 +28,21 @@ from typing import TYPE_CHECKING, Any, cast
 
 import openai
 from openai import NotGiven, not_given
+from openai._constants import DEFAULT_MAX_RETRIES
 
 from . import _batch
 from ._balance import Balance, parse_balance
 from ._batch import batch_action
 from ._budget import Budget, canonical_tags
-from ._config import budget_argument, merge_budgets, resolve_settings
+from ._config import (
+    _seconds,
+    budget_argument,
+    load_file_config,
+    merge_budgets,
+    resolve_exact_tokens,
+    resolve_prices,
+    resolve_settings,
+)
 from ._exceptions import BudgetExceededError
 from ._guard import (
     ACTIVE_CALL,
@@ -51,6 +61,7 @@ from ._provider import resolve_provider
 from ._retry import explain_quota_error, judge, stop_resending, wait_after, was_sent
 from ._streams import body_was_read
 from .ledger import Ledger
+from .pricing import check_currency
 
 if TYPE_CHECKING:
     import httpx2
@@ -101,7 +112,8 @@ class _Guarded:
         return (self.api_key,) if isinstance(self.api_key, str) else ()
 
     def __init__(self, *, api_key: Any = None, base_url: Any = None, **kwargs: Any) -> None:
-        guard, given = _guard_settings(kwargs)
+        given = {name: kwargs.pop(name) for name in _GUARD_ARGS if name in kwargs}
+        guard = _COPYING.get()  # set by copy(): the copied client's settings
         api_key, base_url = _credentials(api_key, base_url, kwargs)
         super().__init__(  # type: ignore[call-arg]  # the SDK client, next in the MRO
             api_key=api_key, base_url=base_url, **kwargs
@@ -115,12 +127,15 @@ class _Guarded:
     # -- the SDK's retry loop asks our policy (see _retry) -------------------------------
 
     def _should_retry(self, response: Any) -> bool:
-        error = self._make_status_error_from_response(response)  # type: ignore[attr-defined]
+        sdk = super()._should_retry  # type: ignore[misc]
+        try:
+            error = self._make_status_error_from_response(response)  # type: ignore[attr-defined]
+        except RuntimeError:  # a response built without its request: the SDK's verdict
+            return bool(sdk(response))
         try:
             attempt = int(response.request.headers.get("x-stainless-retry-count", "0")) + 1
         except (ValueError, RuntimeError):
             attempt = 1
-        sdk = super()._should_retry  # type: ignore[misc]
         return judge(self._kb.retry, error, response.headers, attempt, lambda: sdk(response))
 
     def _calculate_retry_timeout(
@@ -141,13 +156,20 @@ class _Guarded:
         return explain_quota_error(exc, self._kb_secrets())
 
     def _kb_copy(self, parent_copy: Callable[..., Any], given: dict[str, Any]) -> Any:
-        """``copy()``'s work: the SDK's copy of the given arguments, our settings carried along."""
-        overrides = {name: given.pop(name) for name in _COPY_ARGS if name in given}
-        extra = {**given.pop("_extra_kwargs", {}), "_guard": self._kb_copy_settings(overrides)}
-        return parent_copy(_extra_kwargs=extra, **given)
+        """``copy()``'s work: the SDK's copy of the given arguments, our settings carried along.
+
+        The SDK's copy builds ``self.__class__(...)`` from its own arguments; the settings reach
+        that constructor through ``_COPYING``, so no private argument shows in its signature.
+        """
+        overrides = {name: given.pop(name) for name in _GUARD_ARGS if name in given}
+        token = _COPYING.set(self._kb_copy_settings(overrides))
+        try:
+            return parent_copy(**given)
+        finally:
+            _COPYING.reset(token)
 
     def _kb_copy_settings(self, overrides: Mapping[str, Any]) -> GuardSettings:
-        """The settings of a copy: these, with ``ledger``, ``budget`` and ``tags`` replaced."""
+        """The settings of a copy: these, with the given ones replaced (``tags`` merged)."""
         settings = self._kb
         if "ledger" in overrides:
             ledger = overrides["ledger"]
@@ -163,6 +185,23 @@ class _Guarded:
             settings = replace(
                 settings, tags={**settings.tags, **canonical_tags(overrides["tags"] or {})}
             )
+        if {"prices", "prices_file", "currency"} & set(overrides):
+            currency = overrides.get("currency") or settings.prices.currency
+            table = resolve_prices(
+                overrides.get("prices"),
+                overrides.get("prices_file"),
+                load_file_config(),
+                currency=check_currency(currency),
+            )
+            settings = replace(settings, prices=table)
+        if "token_counter" in overrides:
+            settings = replace(settings, token_counter=overrides["token_counter"])
+        if "exact_tokens" in overrides:
+            exact = resolve_exact_tokens(overrides["exact_tokens"], load_file_config())
+            settings = replace(settings, exact_tokens=exact)
+        if "reservation_margin" in overrides:
+            margin = _seconds(overrides["reservation_margin"], "reservation_margin", 60.0)
+            settings = replace(settings, reservation_margin=margin)
         return settings
 
     def _kb_call(self, prepared: Prepared, options: Any, stream: bool) -> Call:
@@ -207,7 +246,10 @@ def _credentials(api_key: Any, base_url: Any, kwargs: Mapping[str, Any]) -> tupl
     return (None if kwargs.get("workload_identity") is not None else ""), base_url
 
 
-_COPY_ARGS = ("ledger", "budget", "tags")
+# The settings a copy() hands to the client it builds (see _Guarded._kb_copy).
+_COPYING: contextvars.ContextVar[GuardSettings | None] = contextvars.ContextVar(
+    "kimi_budget_copying", default=None
+)
 
 
 @functools.cache
@@ -239,12 +281,6 @@ def _explained(exc: BudgetExceededError, prepared: Prepared) -> BudgetExceededEr
     return exc
 
 
-def _guard_settings(kwargs: dict[str, Any]) -> tuple[GuardSettings | None, dict[str, Any]]:
-    guard = kwargs.pop("_guard", None)
-    given = {name: kwargs.pop(name) for name in _GUARD_ARGS if name in kwargs}
-    return guard, given
-
-
 class OpenAI(_Guarded, openai.OpenAI):
     """``openai.OpenAI`` for Moonshot's Kimi API, with a hard cap on spend.
 
@@ -254,6 +290,43 @@ class OpenAI(_Guarded, openai.OpenAI):
     ``MOONSHOT_BASE_URL`` or Moonshot's international API; a key never crosses providers
     (see ``_provider``).
     """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | Callable[[], str] | None = None,
+        admin_api_key: str | None = None,
+        workload_identity: WorkloadIdentity | X509WorkloadIdentity | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        webhook_secret: str | None = None,
+        provider: _Provider | None = None,
+        base_url: str | httpx2.URL | NotGiven | None = not_given,
+        data_residency: DataResidency | None = None,
+        websocket_base_url: str | httpx2.URL | None = None,
+        timeout: float | Timeout | NotGiven | None = not_given,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
+        http_client: httpx2.Client | None = None,
+        ledger: Ledger | str | os.PathLike[str] | None = None,
+        budget: Budget | Iterable[Budget] | None = None,
+        tags: Mapping[str, str] | None = None,
+        prices: Mapping[str, Mapping[str, Any]] | None = None,
+        prices_file: str | os.PathLike[str] | None = None,
+        token_counter: Callable[[Mapping[str, Any]], int] | None = None,
+        exact_tokens: str | None = None,
+        reservation_margin: float | None = None,
+        currency: str | None = None,
+        _strict_response_validation: bool = False,
+        _enforce_credentials: bool = True,
+    ) -> None:
+        """A guarded ``openai.OpenAI``: every argument of the SDK's, plus the guard's.
+
+        An argument left at its default is not passed on, so the SDK's defaults stay its own
+        (and ``data_residency``, new in openai 3.x, is refused by 2.x only when used).
+        """
+        super().__init__(**_given(locals(), OpenAI.__init__))
 
     def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
@@ -378,14 +451,21 @@ class OpenAI(_Guarded, openai.OpenAI):
         ledger: Ledger | str | os.PathLike[str] | NotGiven = not_given,
         budget: Budget | Iterable[Budget] | NotGiven | None = not_given,
         tags: Mapping[str, str] | None = None,
+        prices: Mapping[str, Mapping[str, Any]] | None = None,
+        prices_file: str | os.PathLike[str] | None = None,
+        token_counter: Callable[[Mapping[str, Any]], int] | None = None,
+        exact_tokens: str | None = None,
+        reservation_margin: float | None = None,
+        currency: str | None = None,
         _enforce_credentials: bool | None = None,
         _extra_kwargs: Mapping[str, Any] = {},  # the SDK's own signature
     ) -> Self:
         """A new client with the same options, some overridden: the SDK's ``copy()``.
 
-        Keeps the ledger, budgets and tags; ``ledger=`` and ``budget=`` replace them
-        (``budget=None``: no caps) and ``tags=`` are merged into the current tags, so
-        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls.
+        Keeps the ledger, budgets, tags and prices; ``ledger=`` and ``budget=`` replace them
+        (``budget=None``: no caps), ``tags=`` are merged into the current tags, so
+        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls, and the
+        constructor's other arguments (``prices=``, ``exact_tokens=``, ...) replace theirs.
         ``data_residency=`` exists from openai 3.x on, as in the SDK.
         """
         given = _given(locals(), OpenAI.copy)
@@ -404,6 +484,43 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
     worker thread and its settlements are written by its writer thread, so the event loop
     never waits for a network round trip.
     """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | Callable[[], Awaitable[str]] | None = None,
+        admin_api_key: str | None = None,
+        workload_identity: WorkloadIdentity | X509WorkloadIdentity | None = None,
+        organization: str | None = None,
+        project: str | None = None,
+        webhook_secret: str | None = None,
+        provider: _Provider | None = None,
+        base_url: str | httpx2.URL | NotGiven | None = not_given,
+        data_residency: DataResidency | None = None,
+        websocket_base_url: str | httpx2.URL | None = None,
+        timeout: float | Timeout | NotGiven | None = not_given,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
+        http_client: httpx2.AsyncClient | None = None,
+        ledger: Ledger | str | os.PathLike[str] | None = None,
+        budget: Budget | Iterable[Budget] | None = None,
+        tags: Mapping[str, str] | None = None,
+        prices: Mapping[str, Mapping[str, Any]] | None = None,
+        prices_file: str | os.PathLike[str] | None = None,
+        token_counter: Callable[[Mapping[str, Any]], int] | None = None,
+        exact_tokens: str | None = None,
+        reservation_margin: float | None = None,
+        currency: str | None = None,
+        _strict_response_validation: bool = False,
+        _enforce_credentials: bool = True,
+    ) -> None:
+        """A guarded ``openai.AsyncOpenAI``: every argument of the SDK's, plus the guard's.
+
+        An argument left at its default is not passed on, so the SDK's defaults stay its own
+        (and ``data_residency``, new in openai 3.x, is refused by 2.x only when used).
+        """
+        super().__init__(**_given(locals(), AsyncOpenAI.__init__))
 
     async def request(  # type: ignore[override]
         self, cast_to: Any, options: Any, *, stream: bool = False, stream_cls: Any = None
@@ -570,14 +687,21 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         ledger: Ledger | str | os.PathLike[str] | NotGiven = not_given,
         budget: Budget | Iterable[Budget] | NotGiven | None = not_given,
         tags: Mapping[str, str] | None = None,
+        prices: Mapping[str, Mapping[str, Any]] | None = None,
+        prices_file: str | os.PathLike[str] | None = None,
+        token_counter: Callable[[Mapping[str, Any]], int] | None = None,
+        exact_tokens: str | None = None,
+        reservation_margin: float | None = None,
+        currency: str | None = None,
         _enforce_credentials: bool | None = None,
         _extra_kwargs: Mapping[str, Any] = {},  # the SDK's own signature
     ) -> Self:
         """A new client with the same options, some overridden: the SDK's ``copy()``.
 
-        Keeps the ledger, budgets and tags; ``ledger=`` and ``budget=`` replace them
-        (``budget=None``: no caps) and ``tags=`` are merged into the current tags, so
-        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls.
+        Keeps the ledger, budgets, tags and prices; ``ledger=`` and ``budget=`` replace them
+        (``budget=None``: no caps), ``tags=`` are merged into the current tags, so
+        ``client.with_options(tags={"job": "nightly"})`` tags one batch of calls, and the
+        constructor's other arguments (``prices=``, ``exact_tokens=``, ...) replace theirs.
         ``data_residency=`` exists from openai 3.x on, as in the SDK.
         """
         given = _given(locals(), AsyncOpenAI.copy)

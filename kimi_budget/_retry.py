@@ -154,9 +154,9 @@ def server_wait(exc: BaseException) -> float | None:
 
 
 def _seconds(value: float) -> float:
-    if math.isnan(value):
+    if not math.isfinite(value):
         raise ValueError(value)
-    return max(value, 0.0)  # inf stays inf: far above any limit, so not retried
+    return max(value, 0.0)
 
 
 def explain_quota_error(exc: BaseException, secrets: tuple[str, ...] = ()) -> BaseException:
@@ -186,17 +186,20 @@ class RetryPolicy:
     How many times is the SDK's ``max_retries`` (``OpenAI(max_retries=...)``,
     ``with_options(max_retries=...)`` or per request). The default decision is Moonshot's
     rules first, then the SDK's own (``x-should-retry``, 408/409/429/5xx, no retry when the
-    server asks for more than ``max_wait``); the default wait is what Moonshot's message asks
+    server asks for more than ``max_wait``). The default wait is what Moonshot's message asks
     ("try again after N seconds", plus up to ``jitter`` seconds so that a crowd of workers
-    spreads out), else the SDK's own (``Retry-After``, else 0.5 * 2^n s up to 8 s, jittered).
-    ``retry`` and ``wait`` replace them with any tenacity strategies; they see the SDK's
-    status error for a 4xx/5xx, its ``APIConnectionError`` for a timeout or lost connection.
+    spreads out), else the SDK's own: ``Retry-After``, else ``initial_wait * 2^n`` seconds up
+    to ``max_backoff``, jittered (the SDK's own computation while these are its numbers).
+    ``retry_strategy`` and ``wait_strategy`` replace the defaults with any tenacity strategies;
+    they see the SDK's status error for a 4xx/5xx, an ``APIConnectionError`` otherwise.
     """
 
+    initial_wait: float = 0.5  # the SDK's INITIAL_RETRY_DELAY
+    max_backoff: float = 8.0  # the SDK's MAX_RETRY_DELAY
     max_wait: float = MAX_SERVER_WAIT
     jitter: float = 0.25
-    retry: retry_base | None = field(default=None, compare=False)
-    wait: wait_base | None = field(default=None, compare=False)
+    retry_strategy: retry_base | None = field(default=None, compare=False)
+    wait_strategy: wait_base | None = field(default=None, compare=False)
 
     def should_retry(
         self, failure: BaseException, attempt: int = 1, sdk: Callable[[], bool] | None = None
@@ -205,20 +208,20 @@ class RetryPolicy:
 
         ``sdk`` is the SDK's own verdict, asked only when Moonshot's rules have none.
         """
-        strategy = self.retry or _moonshot_retry(self, sdk)
+        strategy = self.retry_strategy or _moonshot_retry(self, sdk)
         return bool(strategy(_failed_attempt(failure, attempt)))
 
-    def seconds(
+    def wait(
         self,
+        attempt: int,
         failure: BaseException | None,
-        attempt: int = 1,
         sdk: Callable[[], float] | None = None,
     ) -> float:
-        """How long to wait after attempt number ``attempt`` failed (``failure`` if known).
+        """Seconds to wait after attempt number ``attempt`` failed (with ``failure``, if known).
 
         ``sdk`` is the SDK's own wait, used when Moonshot's message asks for none.
         """
-        strategy = self.wait or _moonshot_wait(self, sdk)
+        strategy = self.wait_strategy or _moonshot_wait(self, sdk)
         value = float(strategy(_failed_attempt(failure, attempt)))
         return value if math.isfinite(value) and value > 0 else 0.0
 
@@ -239,9 +242,19 @@ class RetryPolicy:
     def asked(self, failure: BaseException | None) -> float | None:
         """The wait Moonshot's message asks for (with jitter), if it asks and headers do not."""
         asked = message_wait(failure) if failure is not None else None
-        if asked is None or not 0 < asked <= self.max_wait:
+        if asked is None or asked > self.max_wait:
             return None
         return float(asked + random.uniform(0, self.jitter))
+
+    def backoff(self, attempt: int) -> float:
+        """Jittered exponential backoff after attempt number ``attempt``."""
+        backoff = min(self.initial_wait * 2.0 ** (attempt - 1), self.max_backoff)
+        return float(backoff * random.uniform(1 - self.jitter, 1.0))
+
+    @property
+    def sdk_backoff(self) -> bool:
+        """Whether the backoff is the SDK's own (its numbers), so its computation is used."""
+        return (self.initial_wait, self.max_backoff, self.jitter) == (0.5, 8.0, 0.25)
 
 
 def message_wait(failure: BaseException) -> float | None:
@@ -276,10 +289,12 @@ def _moonshot_wait(policy: RetryPolicy, sdk: Callable[[], float] | None) -> wait
             asked = policy.asked(failure)
             if asked is not None:
                 return asked
-            if sdk is not None:
+            if sdk is not None and policy.sdk_backoff:
                 return float(sdk())
-            backoff = min(0.5 * 2.0 ** (state.attempt_number - 1), 8.0)
-            return float(backoff * random.uniform(0.75, 1.0))
+            header = server_wait(failure) if failure is not None else None
+            if header is not None and 0 < header <= policy.max_wait:
+                return header
+            return policy.backoff(state.attempt_number)
 
     return MessageOrSdk()
 
@@ -325,7 +340,7 @@ def wait_after(policy: RetryPolicy, headers: Any, attempt: int, sdk: Callable[[]
     judged = _JUDGED.get()
     failure = judged[1] if judged is not None and judged[0] is headers else None
     _JUDGED.set(None)
-    seconds = policy.seconds(failure, attempt, sdk)
+    seconds = policy.wait(attempt, failure, sdk)
     log.info(
         "kimi-budget: attempt %d failed (%s); retrying in %.2f s",
         attempt,

@@ -12,8 +12,18 @@ import pytest
 import kimi_budget as kb
 from tests.conftest import KEY, MOCK_BASE_URL
 
+PRICE = {"cache_hit": "0.1", "cache_miss": "1", "output": "2", "context_window": 8192}
 PAIRS = [(kb.OpenAI, openai.OpenAI), (kb.AsyncOpenAI, openai.AsyncOpenAI)]
-OURS = {"ledger", "budget", "tags"}
+OURS = {
+    "ledger",
+    "budget",
+    "tags",
+    "prices",
+    "prices_file",
+    "token_counter",
+    "exact_tokens",
+    "reservation_margin",
+}
 
 
 @pytest.mark.parametrize(("ours", "parent"), PAIRS)
@@ -24,10 +34,28 @@ def test_copy_spells_out_every_parameter_of_the_sdk(ours: type, parent: type) ->
     for name, parameter in theirs.items():
         assert name in mine, name
         assert mine[name].kind is parameter.kind, name
-    # Beyond the SDK's: only our three (and data_residency, which openai 2.x lacks).
+    # Beyond the SDK's: only the guard's (and data_residency, which openai 2.x lacks).
     assert set(mine) - set(theirs) <= OURS | {"data_residency"}
     assert set(mine) >= OURS
     assert ours.with_options is ours.copy
+
+
+@pytest.mark.parametrize(("ours", "parent"), PAIRS)
+def test_the_constructor_spells_out_every_parameter_and_copy_takes_them(
+    ours: type, parent: type
+) -> None:
+    mine = inspect.signature(ours.__init__).parameters
+    theirs = inspect.signature(parent.__init__).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in mine.values())
+    for name, parameter in theirs.items():
+        assert name in mine and mine[name].kind is parameter.kind, name
+        if parameter.default is not inspect.Parameter.empty and name != "base_url":
+            # (base_url: openai 2.x's default is None, ours 3.x's NOT_GIVEN; both mean unset)
+            assert mine[name].default == parameter.default, name
+    assert set(mine) - set(theirs) <= OURS | {"data_residency"}
+    # As the SDK's own test_copy_signature: whatever the constructor takes, copy() takes.
+    copy = inspect.signature(ours.copy).parameters
+    assert set(mine) - {"self", "_strict_response_validation"} <= set(copy)
 
 
 @pytest.mark.parametrize(("ours", "parent"), PAIRS)
@@ -49,6 +77,11 @@ def test_copy_passes_the_sdk_arguments_through(ours: type, parent: type, ledger_
     assert "x-team" not in replaced.default_headers and replaced.default_headers["x-only"] == "1"
     assert replaced.budgets == (kb.Budget(daily="2"),)
     assert replaced.copy(budget=None).budgets == ()
+    tuned = client.copy(exact_tokens="never", reservation_margin=5, prices={"my-model": PRICE})
+    assert tuned._kb.exact_tokens == "never" and tuned._kb.reservation_margin == 5.0
+    assert tuned._kb.prices.get("my-model").context_window == 8192
+    assert tuned._kb.prices.get("kimi-k2.5") == client._kb.prices.get("kimi-k2.5")
+    assert client._kb.exact_tokens == "auto"  # the original is unchanged
     with pytest.raises(ValueError, match="mutually exclusive"):
         client.copy(default_headers={"a": "b"}, set_default_headers={"c": "d"})
 

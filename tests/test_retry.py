@@ -666,8 +666,8 @@ def test_tenacity_strategies_can_replace_the_policy(
     mocked_client._kb = replace(
         mocked_client._kb,
         retry=_retry.RetryPolicy(
-            retry=tenacity.retry_if_exception_type(openai.InternalServerError),
-            wait=tenacity.wait_fixed(0.25),
+            retry_strategy=tenacity.retry_if_exception_type(openai.InternalServerError),
+            wait_strategy=tenacity.wait_fixed(0.25),
         ),
     )
     route = moonshot_mock.post("/chat/completions").mock(
