@@ -10,20 +10,13 @@ import openai
 import pytest
 
 import kimi_budget as kb
+import kimi_budget._client
 from tests.conftest import KEY, MOCK_BASE_URL
 
 PRICE = {"cache_hit": "0.1", "cache_miss": "1", "output": "2", "context_window": 8192}
 PAIRS = [(kb.OpenAI, openai.OpenAI), (kb.AsyncOpenAI, openai.AsyncOpenAI)]
-OURS = {
-    "ledger",
-    "budget",
-    "tags",
-    "prices",
-    "prices_file",
-    "token_counter",
-    "exact_tokens",
-    "reservation_margin",
-}
+# The guard's own arguments (ledger, budget, tags, prices, currency, ...).
+OURS = set(kb._client._GUARD_ARGS)
 
 
 @pytest.mark.parametrize(("ours", "parent"), PAIRS)

@@ -264,6 +264,10 @@ def _is_valid(usage: Any) -> bool:
 
 def _raised_inside_us(exc: BaseException) -> bool:
     """True if the innermost frame of the traceback is kimi-budget's own code."""
+    if isinstance(exc, openai.APIConnectionError) and exc.__cause__ is not None:
+        # A sent chat call is stopped from being sent again by raising the SDK's own error
+        # from _send_request (on purpose): what failed is the transport error it wraps.
+        exc = exc.__cause__
     frames = traceback.extract_tb(exc.__traceback__)
     return bool(frames) and frames[-1].filename.startswith(PACKAGE)
 
