@@ -16,7 +16,6 @@ benchmark creates and drops its own databases there).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -29,12 +28,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import CAPS, MODEL, TAGS, Sample, cycle, fmt_us, make_budget, scratch_dir, table
+from _common import (
+    CAPS,
+    MODEL,
+    TAGS,
+    Sample,
+    cycle,
+    fmt_us,
+    make_budget,
+    run_processes,
+    scratch_dir,
+    table,
+)
 
 UTC = timezone.utc
 
 
-def _worker(target: str, seconds: float, barrier: Any, results: Any, worker: int) -> None:
+def _worker(barrier: Any, results: Any, worker: int, target: str, seconds: float) -> None:
     import kimi_budget as kb
     from kimi_budget.ledger import Ledger
 
@@ -81,18 +91,9 @@ def contention(target: str, processes: int, seconds: float) -> dict[str, Any]:
 
     with Ledger(target) as ledger:
         ledger.status(make_budget())  # register the budget before the workers start
-    ctx: Any = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    barrier = ctx.Barrier(processes)
-    results = ctx.Queue()
-    workers = [
-        ctx.Process(target=_worker, args=(target, seconds, barrier, results, i))
-        for i in range(processes)
-    ]
-    for p in workers:
-        p.start()
-    outcomes = [results.get(timeout=seconds + 180) for _ in workers]
-    for p in workers:
-        p.join()
+    outcomes, _ = run_processes(
+        _worker, [(i, target, seconds) for i in range(processes)], timeout=seconds + 180
+    )
     cycles = sum(o[1] for o in outcomes)
     rows, pending = _count(target)
     return {
