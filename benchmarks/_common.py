@@ -243,6 +243,38 @@ def run_processes(
     return sorted(outcomes, key=lambda o: o[0]), method
 
 
+def cycle_worker(barrier: Any, results: Any, worker: int, target: str, seconds: float) -> None:
+    """A ``run_processes`` worker: reserve+settle cycles on ``target`` for ``seconds``.
+
+    Puts ``(worker, cycles, locked, other errors, latencies in ns, first error)``; "locked"
+    counts the errors that say the database was locked or busy.
+    """
+    import kimi_budget as kb
+
+    ledger = kb.Ledger(target)
+    budgets = (make_budget(),)
+    tags = {**TAGS, "worker": str(worker)}
+    cycles = locked = other = 0
+    latencies: list[int] = []
+    first_error = ""
+    barrier.wait()
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        try:
+            reserve_ns, settle_ns = cycle(ledger, budgets, tags)
+        except (kb.LedgerError, sqlite3.Error) as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                locked += 1
+            else:
+                other += 1
+            first_error = first_error or f"{type(exc).__name__}: {exc}"
+            continue
+        latencies.append(reserve_ns + settle_ns)
+        cycles += 1
+    ledger.close()
+    results.put((worker, cycles, locked, other, latencies, first_error))
+
+
 # -- ledgers -----------------------------------------------------------------------------------
 
 _MODELS = [  # (model, share, price per token in nano-dollars: cache hit, miss, output)

@@ -34,6 +34,7 @@ from _common import (
     TAGS,
     Sample,
     cycle,
+    cycle_worker,
     fmt_us,
     make_budget,
     run_processes,
@@ -42,32 +43,6 @@ from _common import (
 )
 
 UTC = timezone.utc
-
-
-def _worker(barrier: Any, results: Any, worker: int, target: str, seconds: float) -> None:
-    import kimi_budget as kb
-    from kimi_budget.ledger import Ledger
-
-    ledger = Ledger(target)
-    budgets = (make_budget(),)
-    tags = {**TAGS, "worker": str(worker)}
-    cycles = errors = 0
-    latencies: list[int] = []
-    first_error = ""
-    barrier.wait()
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started = time.perf_counter_ns()
-        try:
-            cycle(ledger, budgets, tags)
-        except kb.LedgerError as exc:
-            errors += 1
-            first_error = first_error or f"{type(exc).__name__}: {exc}"
-            continue
-        latencies.append(time.perf_counter_ns() - started)
-        cycles += 1
-    ledger.close()
-    results.put((worker, cycles, errors, latencies, first_error))
 
 
 def _count(target: str) -> tuple[int, int]:
@@ -92,7 +67,7 @@ def contention(target: str, processes: int, seconds: float) -> dict[str, Any]:
     with Ledger(target) as ledger:
         ledger.status(make_budget())  # register the budget before the workers start
     outcomes, _ = run_processes(
-        _worker, [(i, target, seconds) for i in range(processes)], timeout=seconds + 180
+        cycle_worker, [(i, target, seconds) for i in range(processes)], timeout=seconds + 180
     )
     cycles = sum(o[1] for o in outcomes)
     rows, pending = _count(target)
@@ -100,9 +75,9 @@ def contention(target: str, processes: int, seconds: float) -> dict[str, Any]:
         "processes": processes,
         "cycles": cycles,
         "rate": cycles / seconds,
-        "errors": sum(o[2] for o in outcomes),
-        "first_error": next((o[4] for o in outcomes if o[4]), ""),
-        "latency": Sample([v for o in outcomes for v in o[3]]),
+        "errors": sum(o[2] + o[3] for o in outcomes),
+        "first_error": next((o[5] for o in outcomes if o[5]), ""),
+        "latency": Sample([v for o in outcomes for v in o[4]]),
         "exact": rows == cycles and pending == 0,
         "rows": rows,
     }

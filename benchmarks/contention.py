@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from datetime import timezone
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     CAPS,
-    TAGS,
     Sample,
     check_totals,
-    cycle,
+    cycle_worker,
     fmt_us,
     make_budget,
     remove_ledger,
@@ -35,35 +33,6 @@ from _common import (
 )
 
 UTC = timezone.utc
-
-
-def _worker(barrier: Any, results: Any, worker: int, path: str, seconds: float) -> None:
-    import sqlite3
-
-    import kimi_budget as kb
-
-    ledger = kb.Ledger(path)
-    budgets = (make_budget(),)
-    tags = {**TAGS, "worker": str(worker)}
-    cycles = locked = other = 0
-    latencies: list[int] = []
-    first_error = ""
-    barrier.wait()
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        try:
-            reserve_ns, settle_ns = cycle(ledger, budgets, tags)
-        except (kb.LedgerError, sqlite3.Error) as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                locked += 1
-            else:
-                other += 1
-            first_error = first_error or f"{type(exc).__name__}: {exc}"
-            continue
-        latencies.append(reserve_ns + settle_ns)
-        cycles += 1
-    ledger.close()
-    results.put((worker, cycles, locked, other, latencies, first_error))
 
 
 def run(
@@ -79,7 +48,7 @@ def run(
     with kb.Ledger(path) as ledger:
         ledger.status(budget)  # register the budget before the workers start
     outcomes, method = run_processes(
-        _worker, [(i, str(path), seconds) for i in range(processes)], timeout=seconds + 120
+        cycle_worker, [(i, str(path), seconds) for i in range(processes)], timeout=seconds + 120
     )
     try:
         with kb.Ledger(path) as ledger:
