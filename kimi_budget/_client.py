@@ -17,6 +17,7 @@ SDK's own objects, and errors from Moonshot are the SDK's own exception classes.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
@@ -590,7 +591,7 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             reservation = _batch.reservation_for(
                 self._kb, _batch.plan_batch(self._kb, content), body.get("completion_window")
             )
-            self._kb.ledger.reserve(reservation, self._kb.budgets)
+            await self._kb_reserve_off_loop(reservation)
             options = _batch.with_call_id(options, reservation.call_id)
             try:
                 result = await send(options)
@@ -608,26 +609,36 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
         return result
 
     async def _kb_reserve(self, call: Call) -> None:
-        """Reserve in the ledger; off the event loop when the ledger waits on a network."""
+        """Reserve a call in the ledger (see ``_kb_reserve_off_loop``)."""
+        await self._kb_reserve_off_loop(
+            call.reservation, lambda: call.failed(asyncio.CancelledError())
+        )
+
+    async def _kb_reserve_off_loop(
+        self, reservation: Any, release: Callable[[], None] | None = None
+    ) -> None:
+        """Reserve in the ledger; off the event loop when the ledger waits on a network.
+
+        ``release``: gives the reservation back if the task is cancelled while a worker thread
+        takes it (the call was never sent), instead of letting it expire at full price.
+        """
         ledger = self._kb.ledger
         if not getattr(ledger, "blocking_io", False):
-            ledger.reserve(call.reservation, self._kb.budgets)  # a short local transaction
+            ledger.reserve(reservation, self._kb.budgets)  # a short local transaction
             return
-        import asyncio
-
         task = asyncio.ensure_future(
-            asyncio.to_thread(ledger.reserve, call.reservation, self._kb.budgets)
+            asyncio.to_thread(ledger.reserve, reservation, self._kb.budgets)
         )
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            # Cancelled while the server was being asked: once the reservation is taken, give
-            # it back (the call was never sent) instead of letting it expire at full price.
-            def release(done: asyncio.Future[None]) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    call.failed(asyncio.CancelledError())
+            if release is not None:
 
-            task.add_done_callback(release)
+                def taken(done: asyncio.Future[None]) -> None:
+                    if not done.cancelled() and done.exception() is None:
+                        release()
+
+                task.add_done_callback(taken)
             raise
 
     async def _kb_exact_count(self, body: Mapping[str, Any]) -> int:
