@@ -110,8 +110,9 @@ class BudgetExceededError(KimiBudgetError):
         """The same refusal, saying that the projection assumed the model's default output
         because the request set no ``max_tokens``."""
         self.default_output = tokens
+        text = str(self.args[0]).replace("Lower max_tokens", "Set max_tokens")
         self.args = (
-            f"{self.args[0]} The request sets no max_tokens, so each choice was projected at "
+            f"{text} The request sets no max_tokens, so each choice was projected at "
             f"{self.model}'s default output of {tokens:,} tokens: set max_tokens to the output "
             f"you need.",
         )
