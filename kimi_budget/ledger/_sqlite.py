@@ -25,7 +25,7 @@ import stat
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +61,7 @@ from .migrations._sqlite import APPLICATION_ID, apply_migrations
 __all__ = ["SQLiteLedger"]
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_EXPIRY_PROBE_EVERY = timedelta(seconds=1)
 # UPDATE ... RETURNING (SQLite 3.35+) settles a pending call without reading its row first.
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 _UPDATE_CALL = (
@@ -74,6 +75,9 @@ _UPDATE_CALL = (
 
 class SQLiteLedger(Ledger):
     """A ledger in a SQLite file (WAL mode, created 0600, migrated on open)."""
+
+    # When reserve() last looked for expired reservations (by the ledger's clock); see there.
+    _expiry_probed_at: datetime | None = None
 
     def __init__(
         self,
@@ -259,7 +263,12 @@ class SQLiteLedger(Ledger):
         _windows.check_per_call(reservation, applicable)
         with self._write("reserve budget in") as conn:
             now = self.clock()
-            self._expire_stale(conn, now)
+            # Expired reservations (of dead processes) are looked for at most about once a
+            # second: one left a moment longer only keeps its budget reserved a moment longer.
+            last = self._expiry_probed_at
+            if last is None or not timedelta(0) <= now - last < _EXPIRY_PROBE_EVERY:
+                self._expire_stale(conn, now)
+                self._expiry_probed_at = now
             for budget in applicable:
                 if budget.windows:
                     self._register(conn, budget, now)
