@@ -262,6 +262,32 @@ def test_a_sent_call_without_an_answer_is_charged_and_not_resent(
     assert mocked_client.ledger.pending() == []
 
 
+@pytest.mark.parametrize("failure", [httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("gone")])
+def test_async_a_sent_call_without_an_answer_is_not_resent(
+    moonshot_mock: respx.Router, ledger_path: Path, waits: list[float], failure: Exception
+) -> None:
+    route = moonshot_mock.post("/chat/completions").mock(
+        side_effect=[failure, httpx.Response(200, json=completion())]
+    )
+    expected = openai.APITimeoutError if isinstance(failure, httpx.ReadTimeout) else None
+
+    async def main() -> kb.AsyncOpenAI:
+        client = kb.AsyncOpenAI(api_key=KEY, base_url=MOCK_BASE_URL, ledger=ledger_path)
+        with pytest.raises(openai.APIConnectionError) as info:
+            await client.chat.completions.create(
+                model="kimi-k2.5", messages=MESSAGES, max_tokens=5
+            )
+        # The SDK's own class, as its loop would have raised after its last attempt.
+        assert expected is None or isinstance(info.value, expected)
+        return client
+
+    client = asyncio.run(main())
+    assert route.call_count == 1 and waits == []
+    [row] = rows(client)
+    assert row["attempts"] == 1 and row["estimated"] == 1
+    assert row["cost_nanos"] == row["projected_nanos"]
+
+
 def test_other_endpoints_still_retry_timeouts(
     mocked_client: kb.OpenAI, moonshot_mock: respx.Router, waits: list[float]
 ) -> None:

@@ -1,5 +1,6 @@
 """Run the openai SDK's own tests, for the installed openai version, against our clients.
 
+    python tests/compat/run.py --install-deps      # once: the SDK tests' dev dependencies
     python tests/compat/run.py [--stock] [PATH ...] [-- PYTEST ARGS]
 
 Fetches the SDK's source distribution from the package index (``pip download --no-binary
@@ -7,8 +8,9 @@ Fetches the SDK's source distribution from the package index (``pip download --n
 there with ``-p kb_compat_plugin`` (which swaps ``openai.OpenAI``/``openai.AsyncOpenAI`` for
 ours). ``--stock`` runs the same tests against the SDK's own clients, for comparison. The
 default paths are ``tests/test_client.py tests/test_streaming.py tests/lib/chat``. The SDK
-tests' own dev dependencies must be installed (pytest-asyncio, inline-snapshot, respx, trio,
-dirty-equals, time-machine, nest_asyncio, rich).
+tests' own dev dependencies (those these paths import, from the SDK's pyproject) must be
+installed: ``--install-deps`` installs them into this interpreter. Intended differences are
+listed, with their reasons, in ``kb_compat_plugin.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CACHE = ROOT / ".compat-cache"
 DEFAULT_PATHS = ("tests/test_client.py", "tests/test_streaming.py", "tests/lib/chat")
+# What the default paths import from the SDK's dev dependencies (its pyproject), plus the
+# aiohttp extra its client tests are parametrized over.
+SDK_TEST_DEPENDENCIES = (
+    "pytest",
+    "pytest-asyncio",
+    "inline-snapshot",
+    "respx",
+    "trio",
+    "dirty-equals",
+    "time-machine",
+    "nest_asyncio",
+    "rich",
+)
 
 
 def sdk_source(openai_version: str) -> Path:
@@ -56,7 +71,15 @@ def sdk_source(openai_version: str) -> Path:
     return target
 
 
+def install_dependencies(openai_version: str) -> int:
+    extra = f"openai[aiohttp]=={openai_version}"
+    command = [sys.executable, "-m", "pip", "install", "-q", extra, *SDK_TEST_DEPENDENCIES]
+    return subprocess.run(command).returncode
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--install-deps"]:
+        return install_dependencies(version("openai"))
     stock = "--stock" in argv
     argv = [arg for arg in argv if arg != "--stock"]
     extra: list[str] = []
