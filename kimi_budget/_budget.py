@@ -32,7 +32,16 @@ class Budget:
     Budget(per_call='0.05', daily='5', monthly='100', tz='Asia/Shanghai')
     """
 
-    __slots__ = ("_caps", "_caps_nanos", "_scope", "_scope_key", "_tz", "_tz_name", "_windows")
+    __slots__ = (
+        "_caps",
+        "_caps_nanos",
+        "_currency",
+        "_scope",
+        "_scope_key",
+        "_tz",
+        "_tz_name",
+        "_windows",
+    )
 
     def __init__(
         self,
@@ -45,6 +54,7 @@ class Budget:
         total: object = None,
         tz: str = "UTC",
         scope: Mapping[str, str] | None = None,
+        currency: str = "USD",
     ) -> None:
         given = dict(
             per_call=per_call,
@@ -74,6 +84,12 @@ class Budget:
         self._tz_name = tz
         self._scope = canonical_tags(scope or {}, what="Budget scope")
         self._scope_key = tags_json(self._scope)
+        if currency not in ("USD", "CNY"):
+            raise ValueError(
+                f"Budget currency must be 'USD' or 'CNY', not {currency!r}: caps count only the "
+                f"calls priced in their currency."
+            )
+        self._currency = currency
 
     @property
     def caps(self) -> dict[str, Decimal]:
@@ -105,6 +121,11 @@ class Budget:
     def scope_key(self) -> str:
         return self._scope_key
 
+    @property
+    def currency(self) -> str:
+        """The currency of the caps; the budget counts and applies to calls in it only."""
+        return self._currency
+
     def applies_to(self, tags: Mapping[str, str]) -> bool:
         return all(tags.get(key) == value for key, value in self._scope.items())
 
@@ -113,19 +134,24 @@ class Budget:
         parts.append(f"tz={self._tz_name!r}")
         if self._scope:
             parts.append(f"scope={self._scope!r}")
+        if self._currency != "USD":
+            parts.append(f"currency={self._currency!r}")
         return f"Budget({', '.join(parts)})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Budget):
             return NotImplemented
-        return (self._caps, self._tz_name, self._scope) == (
+        return (self._caps, self._tz_name, self._scope, self._currency) == (
             other._caps,
             other._tz_name,
             other._scope,
+            other._currency,
         )
 
     def __hash__(self) -> int:
-        return hash((tuple(sorted(self._caps.items())), self._tz_name, self._scope_key))
+        return hash(
+            (tuple(sorted(self._caps.items())), self._tz_name, self._scope_key, self._currency)
+        )
 
 
 def canonical_tags(tags: Mapping[str, Any], *, what: str = "tags") -> dict[str, str]:

@@ -127,3 +127,20 @@ def postgres_url(postgres_server: Server) -> Iterator[str]:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a new, empty ledger of each backend lives: ``kb.Ledger(ledger_url)`` opens it.
+
+    Tests that take this fixture run once per backend: a SQLite file, then a database on a
+    real PostgreSQL server (skipped, saying how to run it, when there is no server).
+    """
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    import importlib.util
+
+    if importlib.util.find_spec("kimi_budget.ledger._postgres") is None:
+        pytest.skip("the PostgreSQL backend (kimi_budget/ledger/_postgres.py) is not built yet")
+    url: str = request.getfixturevalue("postgres_url")
+    return url

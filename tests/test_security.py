@@ -150,8 +150,8 @@ def test_the_api_key_never_leaves(
 
     assert len(seen) >= 6, seen  # the failure paths above really raised
     seen += [str(w.message) for w in caught]
-    assert any("fallback" in str(w.message) for w in caught)
     told = [r.getMessage() for r in caplog.records if r.name == "kimi_budget"]
+    assert any("fallback" in message for message in told)  # logged, not warned
     assert any("malformed" in message for message in told)  # logged, not warned
     assert len(rows) == 8  # every sent call is one row, the fallback one merged back
     log_text = [r.getMessage() for r in caplog.records] + [r.exc_text or "" for r in caplog.records]
@@ -270,14 +270,16 @@ def test_an_echoed_key_is_redacted(
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022])
-def test_ledger_and_fallback_files_are_private(tmp_path: Path, umask: int) -> None:
+def test_ledger_and_fallback_files_are_private(
+    tmp_path: Path, umask: int, caplog: pytest.LogCaptureFixture
+) -> None:
     old = os.umask(umask)
     try:
         path = tmp_path / "new" / "dir" / "ledger.db"
         ledger = kb.Ledger(path)
         _settle_one(ledger)  # writes: the WAL and shared-memory files exist now
-        with pytest.warns(RuntimeWarning, match="saved to"):
-            ledger.write_fallback(_settlement("fb"), RuntimeError("test"))
+        ledger.write_fallback(_settlement("fb"), RuntimeError("test"))
+        assert "saved to" in caplog.text
         created = [
             path,
             path.with_name("ledger.db-wal"),
@@ -390,18 +392,22 @@ def test_a_foreign_file_at_the_ledger_path_is_left_untouched(tmp_path: Path) -> 
             assert path.read_bytes() == content
 
 
-def test_a_symlink_at_the_fallback_path_is_not_followed(tmp_path: Path) -> None:
+def test_a_symlink_at_the_fallback_path_is_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     ledger = kb.Ledger(tmp_path / "ledger.db")
     ledger.fallback_path.symlink_to(victim)
-    with pytest.warns(RuntimeWarning, match="record it by hand"):
-        ledger.write_fallback(_settlement("fb"), RuntimeError("disk full"))
+    ledger.write_fallback(_settlement("fb"), RuntimeError("disk full"))
+    assert "record it by hand" in caplog.text and "symbolic link" in caplog.text
     assert victim.read_text() == "precious\n"
     ledger.close()
 
 
-def test_an_unwritable_fallback_never_reaches_the_caller(tmp_path: Path) -> None:
+def test_an_unwritable_fallback_never_reaches_the_caller(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Ledger locked and fallback impossible: the billed call still returns, with a warning
     that carries the usage, so nothing is silently lost."""
     with MoonshotStandIn(api_key="sk-x") as server:
@@ -419,12 +425,11 @@ def test_an_unwritable_fallback_never_reaches_the_caller(tmp_path: Path) -> None
                 hold.enter_context(_locked(path))
 
             server.queue_fault(Fault(on_request=lock))
-            with pytest.warns(RuntimeWarning, match="record it by hand") as caught:
-                response = client.chat.completions.create(
-                    model="kimi-k2.5", messages=HI, max_tokens=5
-                )
+            response = client.chat.completions.create(model="kimi-k2.5", messages=HI, max_tokens=5)
         assert response.usage is not None
-        assert f'"prompt_tokens":{response.usage.prompt_tokens}' in str(caught[-1].message)
+        [lost] = [r for r in caplog.records if "record it by hand" in r.getMessage()]
+        assert lost.levelname == "ERROR"
+        assert f'"prompt_tokens":{response.usage.prompt_tokens}' in lost.getMessage()
         client.close()
 
 

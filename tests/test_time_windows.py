@@ -55,8 +55,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def ledger(ledger_path: Path, clock: Clock) -> Iterator[kb.Ledger]:
-    with kb.Ledger(ledger_path, clock=clock) as led:
+def ledger(ledger_url: str, clock: Clock) -> Iterator[kb.Ledger]:
+    """A ledger of each backend (SQLite, PostgreSQL) on the test's clock."""
+    with kb.Ledger(ledger_url, clock=clock) as led:
         yield led
 
 

@@ -217,11 +217,8 @@ def open_ledger(option: Path | None, file: FileConfig) -> Any:
         raise UserError(f"{path} {problem}; pass --ledger with the path of a kimi-budget ledger.")
     busy = file.data.get("busy_timeout", 30.0)
     timeout = float(busy) if isinstance(busy, int | float) else 30.0
-    try:
-        # Reading commands never write: no schema, no migration, no expiry, no merge.
-        return Ledger(path, busy_timeout=timeout, read_only=True)  # type: ignore[call-arg,unused-ignore]
-    except TypeError:  # a Ledger without read-only opening (older than the shared contract)
-        return Ledger(path, busy_timeout=timeout)
+    # Reading commands never write: no schema, no migration, no expiry, no merge (issue 9).
+    return Ledger(path, busy_timeout=timeout, read_only=True)
 
 
 def zone_name(option: str | None, file: FileConfig) -> str:

@@ -37,7 +37,15 @@ if TYPE_CHECKING:
     from .._budget import Budget
     from .._exceptions import LedgerError
 
-__all__ = ["Clock", "Ledger", "default_ledger_path", "expired_settlement", "ledger_error"]
+__all__ = [
+    "EXPIRED_NOTE",
+    "Clock",
+    "Ledger",
+    "budget_currency",
+    "default_ledger_path",
+    "expired_settlement",
+    "ledger_error",
+]
 
 UTC = timezone.utc
 Clock = Callable[[], datetime]
@@ -69,21 +77,38 @@ def ledger_error(message: str, *, path: str | None = None) -> LedgerError:
     return LedgerError(message, path=path)
 
 
+EXPIRED_NOTE = (
+    "the process holding this reservation did not settle it before it expired (it may have "
+    "died); charged the full reservation, the call's worst case, until its real bill arrives"
+)
+
+
 def expired_settlement(reservation: Reservation, attempts: int, now: datetime) -> Settlement:
-    """How a reservation that outlived its expiry is settled, by every backend."""
+    """How a reservation that outlived its expiry is settled, by every backend.
+
+    The rule on unknown bills: the call may have been sent and billed in full, so it is
+    charged its FULL projected cost, flagged as estimated. Expiry never frees room; only a
+    later real settlement of the same ``call_id`` replaces the estimate (and frees the
+    difference then).
+    """
     return Settlement(
         reservation=reservation,
         status="expired",
         prompt_tokens=reservation.prompt_estimate,
-        cached_tokens=0,
+        cached_tokens=None,
         completion_tokens=None,
-        # The server may have billed the prompt; the output is unknowable.
-        cost_nanos=reservation.prompt_estimate * reservation.price_cache_miss,
+        cost_nanos=reservation.projected_nanos,
         estimated=True,
         attempts=attempts,
         finished_at=now,
-        note="reservation expired: the process holding it did not settle it",
+        note=EXPIRED_NOTE,
     )
+
+
+def budget_currency(budget: Budget) -> str:
+    """The currency of a budget's caps ("USD" for budgets made before currencies)."""
+    currency: str = getattr(budget, "currency", "USD")
+    return currency
 
 
 class Ledger:
@@ -96,7 +121,14 @@ class Ledger:
     ``Ledger(target)`` opens the backend ``target`` names: a ``postgresql://`` or
     ``postgres://`` URL, else a SQLite file path (``None``: :func:`default_ledger_path`).
     Constructor keywords every backend takes: ``busy_timeout`` (seconds a write waits for a
-    lock), ``clock`` (a callable returning an aware UTC datetime; tests use it).
+    lock), ``clock`` (a callable returning an aware UTC datetime; tests use it), ``read_only``.
+
+    Read-only (``read_only=True``, and automatically when the user may read but not write the
+    ledger): nothing is created, migrated, expired or merged; the read methods work and every
+    write raises ``LedgerError`` saying the ledger is read-only.
+
+    Currencies: a reservation carries its currency; a budget (``budget.currency``, "USD" when
+    absent) applies to, and totals, only calls of its currency. Nothing adds one to another.
     """
 
     #: Shown in messages and reports; never contains a password.
@@ -105,6 +137,7 @@ class Ledger:
     fallback_path: Path
     clock: Clock
     busy_timeout: float
+    read_only: bool = False
 
     def __new__(cls, target: Any = None, *args: Any, **kwargs: Any) -> Ledger:
         if cls is Ledger:
@@ -148,8 +181,12 @@ class Ledger:
         until: datetime | str | None = None,
         model: str | None = None,
         tags: Mapping[str, str] | None = None,
+        currency: str = "USD",
     ) -> Decimal:
-        """Settled spend (``[since, until)``, by model and tags), exact."""
+        """Settled spend in ``currency`` (``[since, until)``, by model and tags), exact.
+
+        Estimated rows (expired reservations, unknown bills) count at what they were charged.
+        """
         raise NotImplementedError
 
     def status(self, budget: Budget) -> list[WindowStatus]:
@@ -165,10 +202,30 @@ class Ledger:
         """The latest calls, newest first, as dicts of the ``calls`` columns."""
         raise NotImplementedError
 
+    def report(self, **filters: Any) -> Any:
+        """The ``kimi-budget report`` table (``kimi_budget.cli._report.Report``).
+
+        The CLI queries a SQLite ledger's schema itself; another backend returns the same
+        ``Report`` from here, taking ``build_report``'s keywords (by, since, until, model,
+        tags, tz, source).
+        """
+        raise ledger_error(f"Reports cannot read {self.location} yet.")
+
+    def recent_calls(self, **filters: Any) -> list[dict[str, Any]]:
+        """The ``kimi-budget calls`` rows (``kimi_budget.cli._report.list_calls``'s keywords and
+        rows: limit, since, until, model, tags), for a backend the CLI does not query itself."""
+        raise ledger_error(f"Listing calls cannot read {self.location} yet.")
+
     # -- life ------------------------------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Write what this process queued for the ledger (settlements) before returning.
+
+        Reads by this process flush first; ``close()`` and interpreter exit flush too.
+        """
+
     def close(self) -> None:
-        """Release connections. Safe to call twice."""
+        """Flush, then release connections. Safe to call twice."""
 
     def __enter__(self) -> Ledger:
         return self

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -48,6 +49,7 @@ from . import _windows
 from ._backend import (
     Clock,
     Ledger,
+    budget_currency,
     default_ledger_path,
     expired_settlement,
     ledger_error,
@@ -59,6 +61,8 @@ from ._windows import Scope, as_utc_text
 from .migrations._sqlite import APPLICATION_ID, apply_migrations
 
 __all__ = ["SQLiteLedger"]
+
+logger = logging.getLogger("kimi_budget")
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _EXPIRY_PROBE_EVERY = timedelta(seconds=1)
@@ -85,32 +89,43 @@ class SQLiteLedger(Ledger):
         *,
         busy_timeout: float = 30.0,
         clock: Clock | None = None,
+        read_only: bool = False,
     ) -> None:
         self.path = Path(path).expanduser() if path is not None else default_ledger_path()
+        self.read_only, self._read_only_why = read_only, "opened with read_only=True"
+        if not read_only and self.path.exists() and not _writable(self.path):
+            self.read_only = True
+            self._read_only_why = "you may read this file but not write it"
+            logger.info("kimi-budget opened %s read-only: %s", self.path, self._read_only_why)
         self.busy_timeout = busy_timeout
         self.location = str(self.path)
         self.clock: Clock = clock or utcnow
         self.fallback_path = self.path.with_name(self.path.name + ".fallback.jsonl")
         self._fallback = FallbackFile(self.fallback_path, self.location)
         self._lock = threading.RLock()
-        self._registered: set[tuple[str, str, tuple[str, ...]]] = set()
+        self._registered: set[tuple[str, str, str, tuple[str, ...]]] = set()
         self._scope_cache: tuple[tuple[Any, ...], list[Scope]] = ((), [])
         self._pid = os.getpid()
         self._writer: int | None = None  # the thread inside a write transaction, if any
         self._deferred: list[Settlement] = []
         self._inherited: list[sqlite3.Connection] = []
+        self._merging = False
         self._conn = self._open()
         self._db: sqlite_utils.Database | None = None
+        self._columns = {row[1] for row in self._conn.execute("PRAGMA table_info(calls)")}
         _OPEN_LEDGERS.add(self)
-        self._merge_fallback()
-        # Reservations of processes that died are settled as soon as anyone opens the ledger.
-        self.expire_stale()
+        if not self.read_only:
+            # Reservations of processes that died are settled as soon as anyone opens the
+            # ledger (and the fallback file merged, by the write).
+            self.expire_stale()
 
     # -- opening -----------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
         path = self.path
         self._refuse_foreign_file(path)
+        if self.read_only:
+            return self._open_read_only()
         if not path.exists():
             try:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -134,6 +149,38 @@ class SQLiteLedger(Ledger):
             apply_migrations(conn)
         except sqlite3.DatabaseError as exc:
             raise ledger_error(self._explain(exc, "open"), path=str(path)) from None
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """Open without creating, migrating or writing anything (not even the WAL index)."""
+        path = self.path
+        if not path.exists():
+            raise ledger_error(
+                f"There is no ledger at {path} to read; nothing has been recorded there yet.",
+                path=str(path),
+            )
+        uri = path.resolve().as_uri()
+        try:
+            self._check_ours(path)
+            try:
+                conn = sqlite3.connect(
+                    f"{uri}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                # A WAL ledger in a folder we may not write has no -shm we could create: read
+                # the file as it stands (its writers are not running: we could not see them).
+                conn = sqlite3.connect(
+                    f"{uri}?immutable=1", uri=True, isolation_level=None, check_same_thread=False
+                )
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        except sqlite3.DatabaseError as exc:
+            raise ledger_error(self._explain(exc, "read"), path=str(path)) from None
+        if "calls" not in tables:
+            conn.close()
+            raise ledger_error(
+                f"{path} has no calls yet (an empty ledger); nothing to read.", path=str(path)
+            )
         return conn
 
     def _refuse_foreign_file(self, path: Path) -> None:
@@ -230,6 +277,20 @@ class SQLiteLedger(Ledger):
 
     @contextlib.contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction, after merging a waiting fallback file (any writer does)."""
+        if self.read_only:
+            raise ledger_error(
+                f"Cannot {doing} the ledger {self.path}: it is open read-only "
+                f"({self._read_only_why}); record calls in a ledger you may write.",
+                path=str(self.path),
+            )
+        if not self._merging and self._fallback.pending():
+            self._merge_fallback()
+        with self._transaction(doing) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; SQLite errors become ``LedgerError``."""
         with self._lock:
             conn = self.conn
@@ -259,7 +320,7 @@ class SQLiteLedger(Ledger):
         Raises ``BudgetExceededError`` (and reserves nothing) if any cap would be exceeded.
         """
         tags = dict(reservation.tags)
-        applicable = [budget for budget in budgets if budget.applies_to(tags)]
+        applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
         with self._write("reserve budget in") as conn:
             now = self.clock()
@@ -283,6 +344,7 @@ class SQLiteLedger(Ledger):
                     reservation.created_at,
                     spent=0,
                     reserved=reservation.projected_nanos,
+                    currency=reservation.currency,
                 )
         # Raised after the commit, so that the expiries done on the way are kept.
         if refusal is not None:
@@ -391,7 +453,13 @@ class SQLiteLedger(Ledger):
             ).fetchall()
             if settled:
                 self._add_totals(
-                    conn, scopes, tags, res.created_at, spent=s.cost_nanos, reserved=-settled[0][0]
+                    conn,
+                    scopes,
+                    tags,
+                    res.created_at,
+                    spent=s.cost_nanos,
+                    reserved=-settled[0][0],
+                    currency=res.currency,
                 )
                 return True
         row = conn.execute(
@@ -422,7 +490,15 @@ class SQLiteLedger(Ledger):
                     res.currency,
                 ),
             )
-            self._add_totals(conn, scopes, tags, res.created_at, spent=s.cost_nanos, reserved=0)
+            self._add_totals(
+                conn,
+                scopes,
+                tags,
+                res.created_at,
+                spent=s.cost_nanos,
+                reserved=0,
+                currency=res.currency,
+            )
             return True
         status, old_cost, projected = row
         if status == "pending":
@@ -434,7 +510,13 @@ class SQLiteLedger(Ledger):
             return False
         conn.execute(_UPDATE_CALL, (*values, res.call_id))
         self._add_totals(
-            conn, scopes, tags, res.created_at, spent=spent_delta, reserved=reserved_delta
+            conn,
+            scopes,
+            tags,
+            res.created_at,
+            spent=spent_delta,
+            reserved=reserved_delta,
+            currency=res.currency,
         )
         return True
 
@@ -459,7 +541,10 @@ class SQLiteLedger(Ledger):
     # -- window totals -----------------------------------------------------------------
 
     def _scopes(self, conn: sqlite3.Connection) -> list[Scope]:
-        rows = tuple(conn.execute("SELECT id, scope, tz, windows FROM budget_scopes").fetchall())
+        try:
+            rows = tuple(conn.execute("SELECT id, scope, tz, windows, currency FROM budget_scopes"))
+        except sqlite3.OperationalError:  # a ledger read before m004: USD budgets only
+            rows = tuple(conn.execute("SELECT id, scope, tz, windows, 'USD' FROM budget_scopes"))
         cached_rows, scopes = self._scope_cache
         if rows != cached_rows:
             scopes = [Scope.from_row(*r) for r in rows]
@@ -468,17 +553,18 @@ class SQLiteLedger(Ledger):
 
     def _register(self, conn: sqlite3.Connection, budget: Budget, now: datetime) -> None:
         """Make sure writes keep totals for this budget's scope, time zone and windows."""
-        key = (budget.scope_key, budget.tz_name, budget.windows)
+        currency = budget_currency(budget)
+        key = (budget.scope_key, budget.tz_name, currency, budget.windows)
         if key in self._registered:
             return
         row = conn.execute(
-            "SELECT id, windows FROM budget_scopes WHERE scope = ? AND tz = ?",
-            (budget.scope_key, budget.tz_name),
+            "SELECT id, windows FROM budget_scopes WHERE scope = ? AND tz = ? AND currency = ?",
+            (budget.scope_key, budget.tz_name, currency),
         ).fetchone()
         if row is None:
             scope_id = conn.execute(
-                "INSERT INTO budget_scopes (scope, tz, windows) VALUES (?, ?, ?)",
-                (budget.scope_key, budget.tz_name, json.dumps(list(budget.windows))),
+                "INSERT INTO budget_scopes (scope, tz, windows, currency) VALUES (?, ?, ?, ?)",
+                (budget.scope_key, budget.tz_name, json.dumps(list(budget.windows)), currency),
             ).lastrowid
             have: set[str] = set()
         else:
@@ -497,7 +583,25 @@ class SQLiteLedger(Ledger):
         self, conn: sqlite3.Connection, scope_id: int, budget: Budget, window: str, now: datetime
     ) -> None:
         """Total the current window from the rows once; writes keep it current from then on."""
+        spent, reserved = self._sum_window(conn, budget, window, now)
+        bounds = _windows.backfill_range(window, now, budget)
+        conn.execute(
+            "INSERT OR REPLACE INTO window_totals (scope_id, window, start, spent_nanos, "
+            "reserved_nanos) VALUES (?, ?, ?, ?, ?)",
+            (scope_id, window, "" if bounds is None else bounds[0], spent, reserved),
+        )
+
+    def _sum_window(
+        self, conn: sqlite3.Connection, budget: Budget, window: str, now: datetime
+    ) -> tuple[int, int]:
+        """``(spent, reserved)`` of ``budget``'s current ``window``, summed from the rows."""
         where, params = _tag_filter(budget.scope)
+        currency = budget_currency(budget)
+        if "currency" in self._columns:
+            where += " AND currency = ?"
+            params.append(currency)
+        elif currency != "USD":
+            return 0, 0  # a ledger written before currencies holds USD only
         bounds = _windows.backfill_range(window, now, budget)
         if bounds is not None:
             where += " AND created_at >= ? AND created_at < ?"
@@ -508,11 +612,7 @@ class SQLiteLedger(Ledger):
             f"FROM calls WHERE 1 = 1{where}",
             params,
         ).fetchone()
-        conn.execute(
-            "INSERT OR REPLACE INTO window_totals (scope_id, window, start, spent_nanos, "
-            "reserved_nanos) VALUES (?, ?, ?, ?, ?)",
-            (scope_id, window, "" if bounds is None else bounds[0], spent, reserved),
-        )
+        return int(spent), int(reserved)
 
     def _read_totals(
         self, conn: sqlite3.Connection, scope: Scope, windows: Sequence[str], instant: datetime
@@ -543,8 +643,11 @@ class SQLiteLedger(Ledger):
         *,
         spent: int,
         reserved: int,
+        currency: str,
     ) -> None:
-        rows = _windows.total_rows(scopes, tags, instant, spent=spent, reserved=reserved)
+        rows = _windows.total_rows(
+            scopes, tags, instant, spent=spent, reserved=reserved, currency=currency
+        )
         if rows:
             conn.executemany(
                 "INSERT INTO window_totals (scope_id, window, start, spent_nanos, "
@@ -560,10 +663,14 @@ class SQLiteLedger(Ledger):
         self._fallback.append(settlement, reason)
 
     def _merge_fallback(self) -> int:
-        return self._fallback.merge(self._settle_all)
+        self._merging = True
+        try:
+            return self._fallback.merge(self._settle_all)
+        finally:
+            self._merging = False
 
     def _settle_all(self, settlements: Sequence[Settlement]) -> int:
-        with self._write("merge the fallback file into") as conn:
+        with self._transaction("merge the fallback file into") as conn:
             return sum(int(self._settle(conn, settlement)) for settlement in settlements)
 
     # -- reading -----------------------------------------------------------------------
@@ -575,9 +682,16 @@ class SQLiteLedger(Ledger):
         until: datetime | str | None = None,
         model: str | None = None,
         tags: Mapping[str, str] | None = None,
+        currency: str = "USD",
     ) -> Decimal:
-        """Settled spend in USD (``[since, until)``, by model and tags), exact."""
+        """Settled spend in ``currency`` (``[since, until)``, by model and tags), exact."""
         where, params = self.filters(since=since, until=until, model=model, tags=tags)
+        if "currency" in self._columns:
+            where += " AND currency = ?"
+            params.append(currency)
+        elif currency != "USD":
+            return Decimal(0)  # a ledger written before currencies holds USD only
+        self.flush()
         with self._lock:
             total = self.conn.execute(
                 f"SELECT coalesce(sum(cost_nanos), 0) FROM calls WHERE status != 'pending'{where}",
@@ -616,6 +730,20 @@ class SQLiteLedger(Ledger):
         """Each cap of ``budget`` now: spent, reserved, and when its window resets."""
         now = self.clock()
         totals: dict[str, tuple[int, int]] = {}
+        if self.read_only:
+            # Nothing may be registered or expired: the totals writers keep, else the rows (a
+            # reservation past its expiry counts at its full projection either way, as its
+            # expiry would charge it).
+            with self._lock:
+                conn = self.conn
+                scope = _windows.scope_for(self._scopes(conn), budget) if budget.windows else None
+                kept = self._read_totals(conn, scope, scope.windows, now) if scope else {}
+                for window in budget.windows:
+                    if window in kept:
+                        totals[window] = kept[window]
+                    else:
+                        totals[window] = self._sum_window(conn, budget, window, now)
+            return _windows.window_status(budget, now, totals)
         with self._write("read budget totals from") as conn:
             self._expire_stale(conn, now)
             if budget.windows:
@@ -657,6 +785,11 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _writable(path: Path) -> bool:
+    """Whether this user may write the ledger (the file, and its folder for the WAL files)."""
+    return os.access(path, os.W_OK) and os.access(path.resolve().parent, os.W_OK | os.X_OK)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

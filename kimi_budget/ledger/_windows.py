@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from .._budget import Budget, format_utc, window_bounds, window_key
 from .._money import to_usd
+from ._backend import budget_currency
 from ._records import Reservation, WindowStatus
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Scope",
+    "applicable",
     "as_utc_text",
     "backfill_range",
     "check_per_call",
@@ -43,20 +45,24 @@ TotalRow = tuple[int, str, str, int, int]  # (scope_id, window, start key, spent
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """A (tags, time zone) some budget used, with the windows the ledger keeps totals for."""
+    """A (tags, time zone, currency) some budget used, with the windows kept for it."""
 
     id: int
     tags: dict[str, str]
     tz: ZoneInfo
     windows: tuple[str, ...]
+    currency: str = "USD"
 
     @classmethod
-    def from_row(cls, id: int, scope: str, tz: str, windows: str) -> Scope:
+    def from_row(cls, id: int, scope: str, tz: str, windows: str, currency: str) -> Scope:
         windows_ = tuple(json.loads(windows))
-        return cls(id=id, tags=json.loads(scope), tz=ZoneInfo(tz), windows=windows_)
+        return cls(id, json.loads(scope), ZoneInfo(tz), windows_, currency)
 
-    def matches(self, tags: Mapping[str, str]) -> bool:
-        return all(tags.get(key) == value for key, value in self.tags.items())
+    def matches(self, tags: Mapping[str, str], currency: str = "USD") -> bool:
+        """Whether a call with ``tags`` in ``currency`` counts in this scope's totals."""
+        return currency == self.currency and all(
+            tags.get(key) == value for key, value in self.tags.items()
+        )
 
     def keys(self, windows: Sequence[str], instant: datetime) -> list[tuple[str, str]]:
         """``(window, start key)`` of each window holding ``instant``."""
@@ -64,7 +70,25 @@ class Scope:
 
 
 def scope_for(scopes: Sequence[Scope], budget: Budget) -> Scope | None:
-    return next((s for s in scopes if s.tags == budget.scope and s.tz.key == budget.tz_name), None)
+    currency = budget_currency(budget)
+    return next(
+        (
+            s
+            for s in scopes
+            if s.tags == budget.scope and s.tz.key == budget.tz_name and s.currency == currency
+        ),
+        None,
+    )
+
+
+def applicable(budgets: Sequence[Budget], reservation: Reservation) -> list[Budget]:
+    """The budgets a call is checked against: its tags in their scope, its currency theirs."""
+    tags = reservation.tags
+    return [
+        budget
+        for budget in budgets
+        if budget_currency(budget) == reservation.currency and budget.applies_to(tags)
+    ]
 
 
 def total_rows(
@@ -74,6 +98,7 @@ def total_rows(
     *,
     spent: int,
     reserved: int,
+    currency: str = "USD",
 ) -> list[TotalRow]:
     """The totals a call made at ``instant`` with ``tags`` moves, and by how much."""
     if not spent and not reserved:
@@ -81,7 +106,7 @@ def total_rows(
     return [
         (scope.id, window, window_key(window, instant, scope.tz), spent, reserved)
         for scope in scopes
-        if scope.matches(tags)
+        if scope.matches(tags, currency)
         for window in scope.windows
     ]
 

@@ -817,9 +817,9 @@ def _judge_crashes(
         if row["status"] == "expired" and (
             not row["estimated"]
             or not row["note"]
-            or row["cost_nanos"] != row["prompt_estimate"] * row["price_cache_miss"]
+            or row["cost_nanos"] != row["projected_nanos"]
         ):
-            problems.append(f"expired row not charged its prompt estimate, flagged: {row}")
+            problems.append(f"expired row not charged its full reservation, flagged: {row}")
 
     by_call = Counter(int(json.loads(r["tags"])[CALL_TAG]) for r in rows)
     dupes = {c: n for c, n in by_call.items() if n > 1}

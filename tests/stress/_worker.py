@@ -184,8 +184,9 @@ def run_crash(cfg: dict[str, Any]) -> None:
         *,
         spent: int,
         reserved: int,
+        **more: Any,
     ) -> None:
-        original_add(self, conn, scopes, tags, instant, spent=spent, reserved=reserved)
+        original_add(self, conn, scopes, tags, instant, spent=spent, reserved=reserved, **more)
         if reserved > 0 and spent == 0:
             stop_here("in-reserve")  # the row is inserted, the transaction not committed
 

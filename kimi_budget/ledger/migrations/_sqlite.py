@@ -242,6 +242,33 @@ def m003_currency_fees_usage(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m004_budget_scope_currency(conn: sqlite3.Connection) -> None:
+    """Window totals per currency: a budget in CNY counts CNY calls only, one in USD USD only.
+
+    Scopes already kept were USD budgets. ``UNIQUE (scope, tz)`` becomes
+    ``UNIQUE (scope, tz, currency)``, which SQLite can only do by rebuilding the table; the
+    ids (which ``window_totals`` refers to) are kept.
+    """
+    _execute_script(
+        conn,
+        """
+        CREATE TABLE budget_scopes_new (
+            id INTEGER PRIMARY KEY,
+            scope TEXT NOT NULL,
+            tz TEXT NOT NULL,
+            windows TEXT NOT NULL,
+            currency TEXT NOT NULL DEFAULT 'USD',
+            UNIQUE (scope, tz, currency)
+        );
+        INSERT INTO budget_scopes_new (id, scope, tz, windows)
+            SELECT id, scope, tz, windows FROM budget_scopes;
+        DROP TABLE budget_scopes;
+        ALTER TABLE budget_scopes_new RENAME TO budget_scopes
+        """,
+    )
+
+
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
     # executescript() would COMMIT the migration transaction half-way; run statement by statement.
     for statement in script.split(";\n"):
