@@ -211,3 +211,24 @@ def test_reports_on_the_server_match_the_sqlite_original(
         shown.append(data)
     assert shown[0] == shown[1]
     assert shown[0]["total_calls"] == 11
+
+
+def test_the_html_page_of_a_server_ledger_shows_what_the_sqlite_original_shows(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    import re
+
+    source = tmp_path / "old.db"
+    with Ledger(source) as old:
+        _history(old)
+    copy(str(source), postgres_url)
+    pages = []
+    for name, target in (("sqlite", str(source)), ("server", postgres_url)):
+        page = tmp_path / f"{name}.html"
+        result = CliRunner().invoke(cli, ["report", "--html", str(page), "--ledger", target])
+        assert result.exit_code == 0, result.output
+        text = page.read_text("utf-8")
+        # The costliest calls (their tags) and the amounts, in the page's order.
+        pages.append((re.findall(r"n=\d+", text), re.findall(r"\$[0-9.]+", text)))
+    assert pages[0] == pages[1]
+    assert len(pages[0][0]) >= 5

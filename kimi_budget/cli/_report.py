@@ -554,20 +554,27 @@ def costliest_calls(
     currency: str | None = None,
 ) -> list[dict[str, Any]]:
     """The ``limit`` settled calls that cost the most, most expensive first (as ``list_calls``)."""
-    ledger = _sql_ledger(ledger)
-    where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
-    if currency is not None:
-        where += " AND currency = ?"
-        params.append(currency)
-    cursor = ledger.conn.execute(
-        f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED}{where} "
-        "ORDER BY cost_nanos DESC, created_at DESC LIMIT ?",
-        [*params, limit],
-    )
-    names = [d[0] for d in cursor.description]
+    found: list[dict[str, Any]]
+    if not _is_sqlite(ledger):  # a server ledger finds its rows itself
+        found = ledger.costliest_calls(  # type: ignore[attr-defined]
+            limit=limit, since=since, until=until, model=model, tags=tags, currency=currency
+        )
+    else:
+        sql = _sql_ledger(ledger)
+        where, params = sql.filters(since=since, until=until, model=model, tags=tags)
+        if currency is not None:
+            where += " AND currency = ?"
+            params.append(currency)
+        cursor = sql.conn.execute(
+            f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED}{where} "
+            "ORDER BY cost_nanos DESC, created_at DESC LIMIT ?",
+            [*params, limit],
+        )
+        names = [d[0] for d in cursor.description]
+        found = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
     result = []
-    for values in cursor.fetchall():
-        row = dict(zip(names, values, strict=True))
+    for row in found:
+        row = {name: row[name] for name in _CALL_COLUMNS.split(", ")}
         row["tags"] = json.loads(row["tags"] or "{}")
         row["stream"] = bool(row["stream"])
         row["estimated"] = bool(row["estimated"])
@@ -594,6 +601,9 @@ def currencies(ledger: Ledger) -> list[str]:
 
 def tag_keys(ledger: Ledger) -> list[str]:
     """Every tag key that settled calls carry (from the rollup: one row per tag set)."""
+    if not _is_sqlite(ledger):
+        found: list[str] = ledger.tag_keys()  # type: ignore[attr-defined]
+        return found
     keys: set[str] = set()
     for (text,) in _sql_ledger(ledger).conn.execute("SELECT DISTINCT tags FROM usage_rollup"):
         with contextlib.suppress(ValueError, TypeError, AttributeError):

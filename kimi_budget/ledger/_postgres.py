@@ -806,6 +806,31 @@ class PostgresLedger(Ledger):
         )
         return sorted({r[0] for r in rows} or {"USD"}, key=lambda c: (c != "USD", c))
 
+    def tag_keys(self) -> list[str]:
+        """Every tag key settled calls carry (``kimi-budget report --html``)."""
+        rows = self._read(
+            "read",
+            lambda conn: conn.execute(
+                "SELECT DISTINCT jsonb_object_keys(tags) FROM calls WHERE status <> 'pending'"
+            ).fetchall(),
+        )
+        return sorted(r[0] for r in rows)
+
+    def costliest_calls(self, **filters: Any) -> list[dict[str, Any]]:
+        """The settled calls that cost the most, as ``calls()`` shapes them (``--html``)."""
+        limit = int(filters.pop("limit", 10))
+        currency = filters.pop("currency", None)
+        where, params = _filters(**filters)
+        if currency is not None:
+            where += " AND currency = %s"
+            params.append(currency)
+        return self._rows(
+            f"SELECT {', '.join(_CALL_COLUMNS)} FROM calls WHERE status <> 'pending'{where} "
+            "ORDER BY cost_nanos DESC, created_at DESC LIMIT %s",
+            (*params, limit),
+            _CALL_COLUMNS,
+        )
+
     def report(self, **filters: Any) -> Any:
         """``kimi-budget report``'s table (``cli._report.Report``), from the rows: PostgreSQL
         has no rollup table; a calendar window is one index range scan on ``created_at``."""
