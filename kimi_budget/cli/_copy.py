@@ -8,7 +8,6 @@ and must exist; a SQLite destination is created if it does not.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -42,7 +41,7 @@ def copy(source: str, destination: str, as_json: bool) -> None:
     both_files = not is_server_url(src_target) and not is_server_url(dst_target)
     if both_files and Path(src_target).resolve() == Path(dst_target).resolve():
         raise UserError("SRC and DST are the same ledger file; nothing to copy.")
-    with _open_source(Ledger, src_target) as src, Ledger(dst_target) as dst:
+    with Ledger(src_target, read_only=True) as src, Ledger(dst_target) as dst:
         if src.location == dst.location:
             raise UserError("SRC and DST are the same ledger; nothing to copy.")
         result = copy_ledger(src, dst)
@@ -68,11 +67,3 @@ def _target(value: str, name: str, *, must_exist: bool) -> str:
     if must_exist and not path.exists():
         raise UserError(f"{name}: no ledger at {path}.")
     return str(path)
-
-
-def _open_source(ledger_class: Any, target: str) -> Any:
-    """SRC, opened read-only: copying never writes to it."""
-    try:
-        return ledger_class(target, read_only=True)
-    except TypeError:  # a backend without read-only opening (older than the shared contract)
-        return ledger_class(target)

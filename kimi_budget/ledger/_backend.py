@@ -207,13 +207,15 @@ class Ledger:
 
         The CLI queries a SQLite ledger's schema itself; another backend returns the same
         ``Report`` from here, taking ``build_report``'s keywords (by, since, until, model,
-        tags, tz, source).
+        tags, tz, currency).
         """
         raise ledger_error(f"Reports cannot read {self.location} yet.")
 
     def recent_calls(self, **filters: Any) -> list[dict[str, Any]]:
-        """The ``kimi-budget calls`` rows (``kimi_budget.cli._report.list_calls``'s keywords and
-        rows: limit, since, until, model, tags), for a backend the CLI does not query itself."""
+        """The latest calls for ``kimi-budget calls`` (``kimi_budget.cli._report.list_calls``'s
+        keywords: limit, since, until, model, tags), newest first, as ``calls()`` shapes them,
+        for a backend the CLI does not query itself (``currencies``, ``tag_keys`` and
+        ``costliest_calls`` likewise serve ``report`` and ``report --html``)."""
         raise ledger_error(f"Listing calls cannot read {self.location} yet.")
 
     # -- life ------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ from .._exceptions import BudgetExceededError, LedgerError
 from .._money import to_usd
 from .._redact import redact_url
 from . import _windows
-from ._backend import Clock, Ledger, expired_settlement, utcnow
+from ._backend import Clock, Ledger, budget_currency, expired_settlement, utcnow
 from ._fallback import FallbackFile
 from ._pgconn import PgConnection, Retry
 from ._records import Reservation, Settlement, WindowStatus
@@ -230,7 +230,7 @@ class PostgresLedger(Ledger):
         ``LedgerError`` if the server cannot be reached (then nothing may be sent).
         """
         tags = dict(reservation.tags)
-        applicable = _applicable(budgets, reservation)
+        applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
         for budget in applicable:
             if budget.windows:
@@ -252,7 +252,7 @@ class PostgresLedger(Ledger):
                         cap = budget.caps_nanos[w]
                         caps[(scope.id, w, k)] = min(cap, caps.get((scope.id, w, k), cap))
                 else:
-                    adding = _total_rows(
+                    adding = _windows.total_rows(
                         scopes,
                         tags,
                         reservation.created_at,
@@ -363,7 +363,7 @@ class PostgresLedger(Ledger):
             deltas = [
                 row
                 for row in _summed(
-                    _total_rows(
+                    _windows.total_rows(
                         scopes,
                         res.tags,
                         res.created_at,
@@ -472,7 +472,7 @@ class PostgresLedger(Ledger):
                 spent, reserved = s.cost_nanos - found[1], 0
             else:
                 return False
-        deltas = _total_rows(
+        deltas = _windows.total_rows(
             scopes, tags, res.created_at, spent=spent, reserved=reserved, currency=res.currency
         )
         _upsert_totals(conn, deltas)
@@ -535,7 +535,7 @@ class PostgresLedger(Ledger):
                     res.call_id,
                 ),
             )
-            deltas += _total_rows(
+            deltas += _windows.total_rows(
                 scopes,
                 res.tags,
                 res.created_at,
@@ -556,7 +556,7 @@ class PostgresLedger(Ledger):
         version = int(rows[0][0])
         cached = self._scope_cache
         if cached is None or cached[0] != version:
-            scopes = [_scope(r[1:]) for r in rows if r[1] is not None]
+            scopes = [Scope.from_row(*r[1:]) for r in rows if r[1] is not None]
             self._scope_cache = cached = (version, scopes)
         return cached[1]
 
@@ -570,7 +570,7 @@ class PostgresLedger(Ledger):
 
     def _register(self, budget: Budget) -> None:
         """Make sure writes keep totals for this budget's scope, time zone and windows."""
-        currency = _currency(budget)
+        currency = budget_currency(budget)
         key = (budget.scope_key, budget.tz_name, budget.windows, currency)
         if key in self._registered:
             return
@@ -618,7 +618,7 @@ class PostgresLedger(Ledger):
     ) -> None:
         """Total the current window from the rows once; writes keep it current from then on."""
         where = "tags @> %s::jsonb AND currency = %s"
-        params: list[Any] = [tags_json(budget.scope), _currency(budget)]
+        params: list[Any] = [tags_json(budget.scope), budget_currency(budget)]
         bounds = _windows.backfill_range(window, now, budget)
         if bounds is not None:
             where += " AND created_at >= %s AND created_at < %s"
@@ -1024,53 +1024,6 @@ def _flush_at_exit() -> None:
 
 
 atexit.register(_flush_at_exit)
-
-
-# -- the shared window policy (``_windows``), whichever revision of it is installed ---------------
-# Budgets per currency came with a refinement of the backend interface; until every module has
-# it, these four take what ``_windows`` offers and add the currency rule only where it lacks it.
-
-
-def _currency(budget: Budget) -> str:
-    """The currency of a budget's caps ("USD" for budgets made before currencies)."""
-    currency: str = getattr(budget, "currency", "USD")
-    return currency
-
-
-def _applicable(budgets: Sequence[Budget], reservation: Reservation) -> list[Budget]:
-    """The budgets a call is checked against: its tags in their scope, its currency theirs."""
-    policy = getattr(_windows, "applicable", None)
-    if policy is not None:
-        found: list[Budget] = policy(budgets, reservation)
-        return found
-    tags = dict(reservation.tags)
-    return [b for b in budgets if _currency(b) == reservation.currency and b.applies_to(tags)]
-
-
-def _scope(row: Sequence[Any]) -> Scope:
-    """A ``Scope`` from ``(id, scope, tz, windows, currency)``."""
-    if "currency" in Scope.__dataclass_fields__:
-        return Scope.from_row(*row)
-    return Scope.from_row(*row[:4])  # type: ignore[call-arg,unused-ignore]
-
-
-def _total_rows(
-    scopes: Sequence[Scope],
-    tags: Mapping[str, str],
-    instant: datetime,
-    *,
-    spent: int,
-    reserved: int,
-    currency: str = "USD",
-) -> list[_windows.TotalRow]:
-    """``_windows.total_rows``: the totals a call moves (only scopes of its currency)."""
-    if "currency" in Scope.__dataclass_fields__:
-        return _windows.total_rows(  # type: ignore[call-arg,unused-ignore]
-            scopes, tags, instant, spent=spent, reserved=reserved, currency=currency
-        )
-    if currency != "USD":
-        return []  # scopes without a currency are USD scopes
-    return _windows.total_rows(scopes, tags, instant, spent=spent, reserved=reserved)
 
 
 # -- SQL helpers ---------------------------------------------------------------------------------
