@@ -243,11 +243,14 @@ def run_processes(
     return sorted(outcomes, key=lambda o: o[0]), method
 
 
-def cycle_worker(barrier: Any, results: Any, worker: int, target: str, seconds: float) -> None:
+def cycle_worker(
+    barrier: Any, results: Any, worker: int, target: str, seconds: float, pause: float = 0.0
+) -> None:
     """A ``run_processes`` worker: reserve+settle cycles on ``target`` for ``seconds``.
 
     Puts ``(worker, cycles, locked, other errors, latencies in ns, first error)``; "locked"
-    counts the errors that say the database was locked or busy.
+    counts the errors that say the database was locked or busy. ``pause``: seconds of sleep
+    after each cycle (0: back to back).
     """
     import kimi_budget as kb
 
@@ -271,6 +274,8 @@ def cycle_worker(barrier: Any, results: Any, worker: int, target: str, seconds: 
             continue
         latencies.append(reserve_ns + settle_ns)
         cycles += 1
+        if pause:
+            time.sleep(pause)
     ledger.close()
     results.put((worker, cycles, locked, other, latencies, first_error))
 

@@ -1,13 +1,14 @@
 """How long the async client blocks its event loop: a probe task's lateness under contention.
 
-``processes`` processes (8) share one ledger file; each runs an event loop with ``tasks`` (50)
-tasks making guarded ``AsyncOpenAI`` calls back to back against the loopback stand-in (with a
-few milliseconds of latency, as a real API has), and one probe task that sleeps 2 ms again
-and again and records how late each wake-up was. A loop blocked by ledger work (a busy
-SQLite file, a lock held by another process) shows up as a late wake-up. The same run with
-the raw ``openai.AsyncOpenAI`` client gives the floor: the lateness that the HTTP work, the
-other tasks and eight processes on a small machine cause by themselves. Raw and guarded
-rounds alternate.
+One process runs an event loop with ``tasks`` (50) tasks making ``AsyncOpenAI`` calls back to
+back against the loopback stand-in (which answers after a delay, as a real API does), and one
+probe task that sleeps 2 ms again and again and records how late each wake-up is. Meanwhile
+``processes`` (8) other processes run reserve+settle cycles on the same ledger file (2 ms
+apart each), so the file's write lock is contended all the time. A loop blocked by ledger
+work (waiting for that lock, or doing SQLite work inline) shows up as a late wake-up. The
+same run with the raw ``openai.AsyncOpenAI`` client, beside the same eight writers, gives the
+floor: the lateness that the HTTP work and a busy machine cause by themselves. Raw and
+guarded rounds alternate.
 
     python benchmarks/loop_lag.py [--tiny]
 """
@@ -29,6 +30,7 @@ from _common import (
     MODEL,
     TAGS,
     Sample,
+    cycle_worker,
     fmt_us,
     make_budget,
     remove_ledger,
@@ -39,7 +41,10 @@ from _common import (
 )
 
 PROBE_SLEEP = 0.002
-LATENCY = (0.002, 0.010)  # the stand-in's answer delay, seconds
+# Each writer sleeps this long between its cycles: the file's lock stays busy (hundreds of
+# cycles a second each) without the writers taking every CPU of a small machine for themselves.
+WRITER_PAUSE = 0.002
+LATENCY = (0.05, 0.15)  # the stand-in's answer delay, seconds
 
 
 async def _load(
@@ -97,23 +102,32 @@ def _worker(
     results: Any,
     worker: int,
     url: str,
-    path: str | None,
+    path: str,
+    guarded: bool,
     tasks: int,
     seconds: float,
 ) -> None:
-    calls, lateness = asyncio.run(_load(url, path, worker, tasks, seconds, barrier))
+    """Worker 0 is the async service (``guarded`` or raw); the others write the ledger."""
+    if worker:
+        cycle_worker(barrier, results, worker, path, seconds, WRITER_PAUSE)
+        return
+    calls, lateness = asyncio.run(
+        _load(url, path if guarded else None, worker, tasks, seconds, barrier)
+    )
     results.put((worker, calls, lateness))
 
 
 def _round(
-    url: str, path: str | None, processes: int, tasks: int, seconds: float
-) -> tuple[int, Sample]:
+    url: str, path: str, guarded: bool, processes: int, tasks: int, seconds: float
+) -> tuple[int, Sample, int]:
+    """(the service's calls, its probe's lateness, the writers' cycles) of one round."""
     outcomes, _ = run_processes(
         _worker,
-        [(i, url, path, tasks, seconds) for i in range(processes)],
+        [(i, url, path, guarded, tasks, seconds) for i in range(processes + 1)],
         timeout=seconds + 120,
     )
-    return sum(o[1] for o in outcomes), Sample([v for o in outcomes for v in o[2]])
+    service, writers = outcomes[0], outcomes[1:]
+    return service[1], Sample(service[2]), sum(o[1] for o in writers)
 
 
 def run(
@@ -136,21 +150,25 @@ def run(
         ledger.status(make_budget())  # register the budget before the workers start
     lags = {"raw": Sample(), "kimi-budget": Sample()}
     calls = {"raw": 0, "kimi-budget": 0}
+    cycles = {"raw": 0, "kimi-budget": 0}
     try:
         with standin(latency=LATENCY) as url:
             for i in range(rounds):
-                order = [("raw", None), ("kimi-budget", str(path))]
-                for name, ledger_path in order if i % 2 == 0 else order[::-1]:
-                    done, sample = _round(url, ledger_path, processes, tasks, seconds)
+                order = [("raw", False), ("kimi-budget", True)]
+                for name, guarded in order if i % 2 == 0 else order[::-1]:
+                    done, sample, written = _round(
+                        url, str(path), guarded, processes, tasks, seconds
+                    )
                     calls[name] += done
+                    cycles[name] += written
                     lags[name].values.extend(sample.values)
         with kb.Ledger(path) as ledger:
             rows = ledger.conn.execute("SELECT count(*) FROM calls").fetchone()[0]
             pending = len(ledger.pending())
     finally:
         remove_ledger(path)
-    warmup = 4 * processes * rounds
-    assert rows == calls["kimi-budget"] + warmup, f"{rows} rows for {calls['kimi-budget']} calls"
+    expected = calls["kimi-budget"] + 4 * rounds + sum(cycles.values())
+    assert rows == expected, f"{rows} rows for {expected} calls and cycles"
     assert pending == 0, f"{pending} reservations left pending"
     out_rows = []
     for name, sample in lags.items():
@@ -158,6 +176,7 @@ def run(
             [
                 name,
                 f"{calls[name] / (seconds * rounds):,.0f}",
+                f"{cycles[name] / (seconds * rounds):,.0f}",
                 f"{len(sample.values):,}",
                 fmt_us(sample.median_us),
                 fmt_us(sample.p99_us),
@@ -168,16 +187,25 @@ def run(
     worst_raw = max(lags["raw"].values, default=0) / 1e6
     text = "\n\n".join(
         [
-            f"{processes} processes × {tasks} tasks of back-to-back calls, {rounds} × "
-            f"{seconds:g} s per client (alternating), one shared ledger, budget with "
-            f"{', '.join(CAPS)} caps; stand-in latency {LATENCY[0] * 1000:g}–"
-            f"{LATENCY[1] * 1000:g} ms; probe: asyncio.sleep({PROBE_SLEEP * 1000:g} ms), "
-            "lateness of each wake-up.",
+            f"One async service of {tasks} tasks making back-to-back calls (stand-in latency "
+            f"{LATENCY[0] * 1000:g}–{LATENCY[1] * 1000:g} ms) beside {processes} processes "
+            f"writing reserve+settle cycles to the same ledger ({WRITER_PAUSE * 1000:g} ms apart "
+            f"each); {rounds} × {seconds:g} s per "
+            f"client (alternating); budget with {', '.join(CAPS)} caps; probe: "
+            f"asyncio.sleep({PROBE_SLEEP * 1000:g} ms), lateness of each wake-up.",
             table(
-                ["client", "calls/s (all)", "probe wake-ups", "median late", "p99 late", "worst"],
+                [
+                    "service's client",
+                    "its calls/s",
+                    "writers' cycles/s",
+                    "probe wake-ups",
+                    "median late",
+                    "p99 late",
+                    "worst",
+                ],
                 out_rows,
             ),
-            f"Afterwards: {rows:,} rows = every guarded call, {pending} pending.",
+            f"Afterwards: {rows:,} rows = every guarded call and cycle, {pending} pending.",
         ]
     )
     return {
