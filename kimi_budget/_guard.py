@@ -448,6 +448,13 @@ class Call:
             usage, response_id, problem = _usage_of_body(self.body_response, self.extras)
             self.request_id = self.request_id or response_id
             self._finish("error", usage, problem, error=_describe(exc))
+        elif self.streaming:
+            # A 2xx body started (it is billed) but never reached the caller to be read.
+            self._settle(
+                "error",
+                unknown="the response arrived but was never handed to the caller",
+                error=_describe(exc),
+            )
         elif isinstance(exc, openai.APIStatusError):
             reason = f"HTTP {exc.status_code} {error_type(exc) or ''}: {exc.message}"
             self._settle("error", error=reason)

@@ -474,3 +474,21 @@ def test_every_attempts_usage_is_kept(server: MoonshotStandIn, ledger_path: Path
     create(client)
     first, second = json.loads(only_row(client)["usage_json"])
     assert first == failed and second == server.chat_requests[-1].reported_usage
+
+
+def test_a_stream_that_never_reaches_the_caller(
+    server: MoonshotStandIn, ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK fails after the streamed answer arrived, before the caller has it: billed."""
+    client = guarded(server, ledger_path)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the SDK could not build the stream")
+
+    monkeypatch.setattr(client, "_process_response", broken)
+    with pytest.raises(RuntimeError):
+        create(client, stream=True)
+    wait_for_the_server(server)
+    row = only_row(client)
+    assert row["estimated"] == 1 and row["cost_nanos"] == row["projected_nanos"]
+    assert billed_nanos(server, client.ledger) <= row["cost_nanos"]
