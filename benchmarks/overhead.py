@@ -296,7 +296,7 @@ STAGE_HEADERS = [
     "added time by stage (median)",
     *StageTimer.STAGES,
     "sum of stages",
-    "rest (retry loop, option copy), by difference",
+    "rest (SDK hooks, tags, ids), by difference",
 ]
 
 
