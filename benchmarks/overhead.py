@@ -125,7 +125,7 @@ def cpu_per_call(
     call returns is charged to the guarded block (each block ends with a flush).
     """
     spent = {"raw": 0, "guarded": 0}
-    block = max(calls // 8, 5)
+    block = max(calls // 16, 5)
     for i in range(8):
         order = [("raw", raw), ("guarded", guarded)]
         for name, client in order if i % 2 else order[::-1]:
