@@ -244,7 +244,7 @@ def run_processes(
 
 
 def cycle_worker(
-    barrier: Any, results: Any, worker: int, target: str, seconds: float, pause: float = 0.0
+    barrier: Any, results: Any, worker: int, target: str, seconds: float, *, pause: float = 0.0
 ) -> None:
     """A ``run_processes`` worker: reserve+settle cycles on ``target`` for ``seconds``.
 

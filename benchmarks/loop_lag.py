@@ -109,7 +109,7 @@ def _worker(
 ) -> None:
     """Worker 0 is the async service (``guarded`` or raw); the others write the ledger."""
     if worker:
-        cycle_worker(barrier, results, worker, path, seconds, WRITER_PAUSE)
+        cycle_worker(barrier, results, worker, path, seconds, pause=WRITER_PAUSE)
         return
     calls, lateness = asyncio.run(
         _load(url, path if guarded else None, worker, tasks, seconds, barrier)
