@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from click.testing import CliRunner
 import kimi_budget as kb
 from kimi_budget.cli import cli
 from kimi_budget.cli._chart import ChartDay, money_short, spend_chart
-from kimi_budget.cli._progress import progress
 from tests.test_cli import at, record
 
 NANOS = 1_000_000_000
@@ -121,29 +119,6 @@ def test_money_short() -> None:
     assert money_short(80_000_000) == "$0.08"
     assert money_short(12_345_000_000) == "$12.35"
     assert money_short(5 * NANOS, "CNY") == "¥5.00"
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_bar_only_on_a_terminal_and_only_when_slow() -> None:
-    ticks = iter([0.0, 0.2, 0.5, 2.0, 2.5, 3.0, 3.5])
-    terminal = _Terminal()
-    with progress(4, "Reading the ledger", file=terminal, clock=lambda: next(ticks)) as step:
-        step(1)  # 0.2 s: quiet
-        assert terminal.getvalue() == ""
-        step(1)  # 2.0 s: the bar appears
-        step(2)
-    assert "Reading the ledger" in terminal.getvalue() and "100%" in terminal.getvalue()
-
-    piped = io.StringIO()
-    slow = iter([0.0, 5.0, 10.0])
-    with progress(2, "Reading the ledger", file=piped, clock=lambda: next(slow)) as step:
-        step(1)
-        step(1)
-    assert piped.getvalue() == ""
 
 
 def test_the_chart_and_the_page_import_neither_openai_nor_pydantic(

@@ -34,7 +34,8 @@ def copy(source: str, destination: str, as_json: bool) -> None:
         kimi-budget ledger copy ~/.local/share/kimi-budget/ledger.db postgresql://me@db/kb
     """
     from ..ledger import Ledger, is_server_url
-    from ..ledger._copy import copy_ledger
+    from ..ledger._copy import copy_ledger, count_calls
+    from ._progress import progress
 
     src_target = _target(source, "SRC", must_exist=True)
     dst_target = _target(destination, "DST", must_exist=False)
@@ -44,7 +45,9 @@ def copy(source: str, destination: str, as_json: bool) -> None:
     with Ledger(src_target, read_only=True) as src, Ledger(dst_target) as dst:
         if src.location == dst.location:
             raise UserError("SRC and DST are the same ledger; nothing to copy.")
-        result = copy_ledger(src, dst)
+        # Millions of rows take a while: a progress bar on a terminal (none in a pipe).
+        with progress(count_calls(src) or 0, "Copying calls") as step:
+            result = copy_ledger(src, dst, step=step)
         where = (src.location, dst.location)
     if as_json:
         print_json({"source": where[0], "destination": where[1], **result.to_json()})

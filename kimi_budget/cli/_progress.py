@@ -29,7 +29,7 @@ def progress(
     after: float = AFTER_SECONDS,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[Callable[[int], None]]:
-    """Yields ``step(n=1)``: ``n`` more units of ``total`` are done."""
+    """Yields ``step(n=1)``: ``n`` more units of ``total`` done (``total`` 0: unknown, no bar)."""
     stream = file if file is not None else sys.stderr
     shown: list[Any] = []  # the bar, once it is worth showing
     done = 0
@@ -39,7 +39,7 @@ def progress(
     def step(n: int = 1) -> None:
         nonlocal done
         done += n
-        if not on_terminal:
+        if not on_terminal or total <= 0:  # nowhere to draw, or no length to draw against
             return
         if not shown and clock() - started >= after:
             bar = click.progressbar(length=max(total, 1), label=label, file=stream, width=30)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -106,8 +106,24 @@ def _settlement(row: Mapping[str, Any]) -> Settlement:
     )
 
 
-def copy_ledger(source: Ledger, destination: Ledger) -> CopyResult:
-    """Copy every call of ``source`` into ``destination`` (see the module doc)."""
+def count_calls(ledger: Ledger) -> int | None:
+    """How many calls ``ledger`` holds (for a progress bar), or None if it cannot say cheaply."""
+    counter = getattr(ledger, "count_calls", None)
+    if counter is not None:
+        return int(counter())
+    conn = getattr(ledger, "conn", None)
+    if not isinstance(conn, sqlite3.Connection):
+        return None
+    return int(conn.execute("SELECT count(*) FROM calls").fetchone()[0])
+
+
+def copy_ledger(
+    source: Ledger, destination: Ledger, *, step: Callable[[int], None] | None = None
+) -> CopyResult:
+    """Copy every call of ``source`` into ``destination`` (see the module doc).
+
+    ``step(1)`` is called for each call read, for a progress bar.
+    """
     result = CopyResult()
     batch: list[Settlement] = []
 
@@ -120,6 +136,8 @@ def copy_ledger(source: Ledger, destination: Ledger) -> CopyResult:
 
     for row in ledger_rows(source):
         result.read += 1
+        if step is not None:
+            step(1)
         if row["status"] == "pending":
             flush()
             reservation = _reservation(row)
