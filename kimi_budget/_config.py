@@ -57,8 +57,11 @@ ENV_CAPS = {
     "monthly": "KIMI_BUDGET_MONTHLY_USD",
     "total": "KIMI_BUDGET_TOTAL_USD",
 }
+# Caps of the CNY platform (api.moonshot.cn), in yuan: a budget of their own, currency="CNY".
+ENV_CAPS_CNY = {name: value.replace("_USD", "_CNY") for name, value in ENV_CAPS.items()}
 ENV_VARS = (
     *ENV_CAPS.values(),
+    *ENV_CAPS_CNY.values(),
     "KIMI_BUDGET_TZ",
     "KIMI_BUDGET_LEDGER",
     "KIMI_BUDGET_TAGS",
@@ -67,7 +70,7 @@ ENV_VARS = (
     "KIMI_BUDGET_CONFIG",
 )
 _CAP_NAMES = ("per_call", *WINDOWS)
-_BUDGET_KEYS = {*_CAP_NAMES, "tz", "scope"}
+_BUDGET_KEYS = {*_CAP_NAMES, "tz", "scope", "currency"}
 EXACT_TOKENS = ("auto", "always", "never")
 _FILE_KEYS = {
     "ledger",
@@ -277,7 +280,17 @@ def configured_budgets(file: FileConfig) -> tuple[Budget, ...]:
         tz, _ = resolve_tz(file)
         scope = section.get("scope") or {}
         _named(file.where("budget.scope"), lambda: Budget(scope=scope))
-        budgets.append(Budget(**caps, tz=tz, scope=scope))
+        currency = section.get("currency", "USD")
+        _named(file.where("budget.currency"), lambda: Budget(currency=currency))
+        budgets.append(Budget(**caps, tz=tz, scope=scope, currency=currency))
+    cny = {name: _env(var) for name, var in ENV_CAPS_CNY.items()}
+    cny = {name: value for name, value in cny.items() if value is not None}
+    if cny:
+        for name, value in cny.items():
+            _named(ENV_CAPS_CNY[name], _budget_factory({name: value, "currency": "CNY"}))
+        tz, _ = resolve_tz(file)
+        scope = section.get("scope") or {}
+        budgets.append(Budget(**cny, tz=tz, scope=scope, currency="CNY"))
     extra = file.data.get("budgets", [])
     if not isinstance(extra, list):
         raise ValueError(f"{file.where('budgets')} must be an array of tables: [[budgets]].")

@@ -277,3 +277,20 @@ def test_a_cny_client_needs_a_cny_budget_when_budgets_are_given(
 def test_the_base_url_of_the_china_platform_picks_the_cny_table(ledger_path: Path) -> None:
     client = kb.OpenAI(api_key=KEY, base_url="https://api.moonshot.cn/v1", ledger=ledger_path)
     assert client._kb.prices.currency == "CNY"
+
+
+def test_cny_caps_from_the_environment_cap_only_cny_calls(
+    monkeypatch: pytest.MonkeyPatch, standin: MoonshotStandIn, ledger_path: Path
+) -> None:
+    monkeypatch.setenv("KIMI_BUDGET_PER_CALL_CNY", "0.01")
+    monkeypatch.setenv("KIMI_BUDGET_DAILY_USD", "0.000001")  # never counts or caps CNY calls
+    client = _client(standin, ledger_path, currency="CNY")
+    with pytest.raises(kb.BudgetExceededError, match="per-call cap of ¥0.01"):
+        client.chat.completions.create(model="kimi-k3", messages=LONG, max_tokens=2000)  # type: ignore[arg-type]
+    client.chat.completions.create(
+        model="kimi-k2.6", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    [row] = client.ledger.calls(1)
+    assert row["currency"] == "CNY"
+    assert client.ledger.spend() == 0  # the USD total never sees it
+    assert client.ledger.spend(currency="CNY") == kb._money.to_usd(row["cost_nanos"])  # type: ignore[attr-defined]

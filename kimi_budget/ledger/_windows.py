@@ -126,6 +126,7 @@ def check_per_call(reservation: Reservation, budgets: Sequence[Budget]) -> None:
                 projected_usd=to_usd(reservation.projected_nanos),
                 model=reservation.model,
                 scope=budget.scope,
+                currency=budget.currency,
             )
 
 
@@ -153,6 +154,7 @@ def refusal(
             projected_usd=to_usd(projected),
             model=reservation.model,
             scope=budget.scope,
+            currency=budget.currency,
             resets_at=None
             if window == "total"
             else end.astimezone(budget.tz).isoformat(timespec="seconds"),
