@@ -151,3 +151,25 @@ def test_async_client_guards_and_settles_a_batch(
         assert row["status"] == "ok" and row["cost_nanos"] == _batch_cost(standin, "kimi-k2.6")
 
     asyncio.run(run())
+
+
+def test_report_and_calls_show_batch_spend(standin: MoonshotStandIn, ledger_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kimi_budget.cli import cli
+
+    client = _client(standin, ledger_path)
+    upload = client.files.create(file=("in.jsonl", _lines()), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    client.batches.retrieve(batch.id)
+    report = CliRunner().invoke(cli, ["report", "--ledger", str(ledger_path), "--json"])
+    assert report.exit_code == 0, report.output
+    data = json.loads(report.output)
+    assert data["batches"] == 1
+    assert data["batch_usd"] == str(kb._money.to_usd(_batch_cost(standin, "kimi-k2.6")))  # type: ignore[attr-defined]
+    text = CliRunner().invoke(cli, ["report", "--ledger", str(ledger_path)]).output
+    assert "1 Batch API batch" in text
+    calls = CliRunner().invoke(cli, ["calls", "--ledger", str(ledger_path)]).output
+    assert "api=batch" in calls

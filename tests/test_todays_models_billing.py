@@ -285,7 +285,7 @@ def test_cny_caps_from_the_environment_cap_only_cny_calls(
     monkeypatch.setenv("KIMI_BUDGET_PER_CALL_CNY", "0.01")
     monkeypatch.setenv("KIMI_BUDGET_DAILY_USD", "0.000001")  # never counts or caps CNY calls
     client = _client(standin, ledger_path, currency="CNY")
-    with pytest.raises(kb.BudgetExceededError, match="per-call cap of ¥0.01"):
+    with pytest.raises(kb.BudgetExceededError, match=r"per-call cap of ¥0\.01"):
         client.chat.completions.create(model="kimi-k3", messages=LONG, max_tokens=2000)  # type: ignore[arg-type]
     client.chat.completions.create(
         model="kimi-k2.6", messages=[{"role": "user", "content": "hi"}], max_tokens=5
@@ -294,3 +294,23 @@ def test_cny_caps_from_the_environment_cap_only_cny_calls(
     assert row["currency"] == "CNY"
     assert client.ledger.spend() == 0  # the USD total never sees it
     assert client.ledger.spend(currency="CNY") == kb._money.to_usd(row["cost_nanos"])  # type: ignore[attr-defined]
+
+
+def test_report_shows_web_search_fees_on_their_own_line(ledger_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kimi_budget.cli import cli
+
+    with MoonshotStandIn(api_key=KEY, call_tools=True) as standin:
+        client = _client(standin, ledger_path)
+        client.chat.completions.create(
+            model="kimi-k2.6",
+            messages=LONG,
+            tools=[WEB_SEARCH],
+            max_tokens=50,  # type: ignore[arg-type,list-item]
+        )
+    result = CliRunner().invoke(cli, ["report", "--ledger", str(ledger_path)])
+    assert result.exit_code == 0, result.output
+    assert "$0.005 is $web_search fees" in result.output
+    as_json = CliRunner().invoke(cli, ["report", "--ledger", str(ledger_path), "--json"])
+    assert json.loads(as_json.output)["fees_usd"] == "0.005"

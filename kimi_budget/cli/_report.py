@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
@@ -79,6 +80,7 @@ _ROLLUP_AGGREGATE = (
 )
 # Reservations in flight are not spend: reports count settled rows only, as Ledger.spend does.
 _SETTLED = "status != 'pending'"
+_EXTRA_CHARGES = "(fee_nanos != 0 OR tags LIKE '%\"api\":\"batch\"%')"
 _SLOT_MINUTES = ("00", "15", "30", "45")
 _SLOT_STARTS = tuple(f"{minute}:00.000000Z" for minute in _SLOT_MINUTES)
 # format_utc's shape: the GLOB pattern of the rollup's triggers.
@@ -177,6 +179,9 @@ class Report:
     ledger: str = ""
     source: str = "rows"  # what was read: "rollup" or "rows" (not part of the JSON)
     currency: str = "USD"  # the amounts' currency (the *_usd keys of the JSON hold it too)
+    fee_nanos: int = 0  # non-token fees ($web_search), already inside the totals
+    batch_calls: int = 0  # Batch API rows (one per batch), already inside the totals
+    batch_nanos: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -195,6 +200,9 @@ class Report:
             "rows": [row.to_json() for row in self.rows],
             "pending_calls": self.pending_calls,
             "pending_reserved_usd": usd(self.pending_nanos),
+            "fees_usd": usd(self.fee_nanos),
+            "batches": self.batch_calls,
+            "batch_usd": usd(self.batch_nanos),
         }
 
 
@@ -370,7 +378,24 @@ def build_report(
         f"WHERE status = 'pending'{where}",
         params,
     ).fetchone()
+    # Fees and Batch API spend, from the few rows that have them (the rollup has neither);
+    # the condition is the partial index calls_extra_charges' own (migration m005).
+    extra = (
+        "SELECT coalesce(sum(fee_nanos), 0), "
+        "coalesce(sum(json_extract(tags, '$.api') = 'batch'), 0), "
+        "coalesce(sum(CASE WHEN json_extract(tags, '$.api') = 'batch' THEN cost_nanos END), 0) "
+        "FROM calls {index}"
+        f"WHERE {_EXTRA_CHARGES} AND {_SETTLED}{where}"
+    )
+    try:
+        charges = conn.execute(extra.format(index="INDEXED BY calls_extra_charges "), params)
+    except sqlite3.OperationalError:  # a read-only ledger from before migration m005
+        charges = conn.execute(extra.format(index=""), params)
+    fee_nanos, batch_calls, batch_nanos = charges.fetchone()
     return Report(
+        fee_nanos=int(fee_nanos),
+        batch_calls=int(batch_calls),
+        batch_nanos=int(batch_nanos),
         by=by,
         tz=tz,
         since=since,

@@ -264,6 +264,17 @@ def report_table(report: Report) -> str:
             f"{t.estimated} call{'s' if t.estimated != 1 else ''} with an estimated cost "
             f"(no usage arrived; see `kimi-budget calls`)."
         )
+    if report.fee_nanos:
+        notes.append(
+            f"Of the spend, {money(report.fee_nanos, report.currency)} is $web_search fees "
+            f"(per call, on top of tokens)."
+        )
+    if report.batch_calls:
+        n = report.batch_calls
+        notes.append(
+            f"Of the spend, {money(report.batch_nanos, report.currency)} is {n} Batch API "
+            f"batch{'es' if n != 1 else ''} (tag api=batch; `kimi-budget calls` shows each)."
+        )
     pending = _pending_note(report).strip()
     if pending:
         notes.append(pending)

@@ -269,6 +269,16 @@ def m004_budget_scope_currency(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m005_extra_charges_index(conn: sqlite3.Connection) -> None:
+    """The few rows with a charge beyond tokens ($web_search fees, Batch API batches), so that
+    ``report`` sums them without reading every row of a large ledger."""
+    conn.execute(
+        "CREATE INDEX calls_extra_charges ON calls (created_at) "
+        "WHERE fee_nanos != 0 OR tags LIKE '%\"api\":\"batch\"%'"
+    )
+
+
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
     # executescript() would COMMIT the migration transaction half-way; run statement by statement.
     for statement in script.split(";\n"):
