@@ -914,9 +914,23 @@ class PostgresLedger(Ledger):
                 f"WHERE c.status = 'pending'{where}",
                 params,
             ).fetchone()
+            # Fees ($web_search) and Batch API rows, shown on lines of their own.
+            batch = "c.tags ->> 'api' = 'batch'"
+            extra.extend(
+                int(v)
+                for v in conn.execute(
+                    "SELECT coalesce(sum(c.fee_nanos), 0)::bigint, "
+                    f"count(c.id) FILTER (WHERE {batch}), "
+                    f"coalesce(sum(c.cost_nanos) FILTER (WHERE {batch}), 0)::bigint "
+                    f"FROM calls c WHERE (c.fee_nanos <> 0 OR {batch}) AND {settled}",
+                    params,
+                ).fetchone()
+            )
             return found, (int(pending[0]), int(pending[1]))
 
+        extra: list[int] = []
         found, (pending_calls, pending_nanos) = self._read("read a report from", query)
+        fee_nanos, batch_calls, batch_nanos = extra[-3:] if len(extra) >= 3 else (0, 0, 0)
         rows = [rp.ReportRow.from_sql(str(r[0]), r[1:]) for r in found]
         rows = [row for row in rows if row.calls]
         if by not in rp.BUCKETS:
@@ -937,6 +951,9 @@ class PostgresLedger(Ledger):
             pending_nanos=pending_nanos,
             ledger=self.location,
             source="rows",
+            fee_nanos=fee_nanos,
+            batch_calls=batch_calls,
+            batch_nanos=batch_nanos,
         )
 
     # -- life ------------------------------------------------------------------------------------
