@@ -107,7 +107,8 @@ def test_the_stand_in_is_documented_with_its_command_and_options() -> None:
 
 
 def test_no_sentence_points_at_something_the_reader_cannot_see() -> None:
-    for phrase in ("the issue", "issue's", "our targets", "as discussed", "the brief", "ready to paste"):
+    phrases = ("the issue", "issue's", "our targets", "as discussed", "the brief", "ready to paste")
+    for phrase in phrases:
         assert phrase not in README.lower(), phrase
 
 
