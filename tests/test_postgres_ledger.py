@@ -407,3 +407,24 @@ def test_works_through_pgbouncer_in_transaction_pooling_mode(
         assert ledger.settle(settlement(res, 500)) is True
         assert ledger.settle(settlement(res, 500)) is False
         assert ledger.spend() == Decimal("0.0000005")
+
+
+def test_a_read_only_ledger_reads_and_never_writes(postgres_url: str) -> None:
+    with Ledger(postgres_url, read_only=True) as fresh:
+        assert fresh.read_only
+    # Opening read-only created nothing: no schema, no migration.
+    assert rows(postgres_url, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [
+        (0,)
+    ]
+    with Ledger(postgres_url) as writer:
+        res = reservation("written")
+        writer.reserve(res)
+        writer.settle(settlement(res, 4200))
+    with Ledger(postgres_url, read_only=True) as reader:
+        assert reader.spend() == Decimal("0.0000042")
+        assert [c["call_id"] for c in reader.calls()] == ["written"]
+        with pytest.raises(LedgerError, match="read-only"):
+            reader.reserve(reservation("refused"))
+        with pytest.raises(LedgerError, match="read-only"):
+            reader.settle(settlement(reservation("late"), 1))
+    assert rows(postgres_url, "SELECT call_id FROM calls") == [("written",)]
