@@ -876,3 +876,212 @@ def _judge_crashes(
         except kb.BudgetExceededError as exc:
             problems.append(f"the budget is not fully available after the crashes: {exc}")
     return problems
+
+
+# -- 3. unknown bills ----------------------------------------------------------------------------
+
+# What each call of the unknown-bills run does: read to the end, or leave its bill unknown.
+UNKNOWN_KINDS = ("ok", "abandon", "drop", "unread", "timeout", "no-usage", "bad-usage")
+FAULT_HEADER = "x-kb-fault"
+# Long enough that every call generates (and is billed) its whole max_tokens.
+LONG_REPLY = "The quick brown fox jumps over the lazy dog. " * 40
+
+
+def unknown_kind(seed: int, i: int) -> str:
+    return random.Random(f"unknown:{seed}:{i}").choice(UNKNOWN_KINDS)
+
+
+def unknown_call(seed: int, i: int) -> dict[str, Any]:
+    """The keyword arguments of call ``i`` of the unknown-bills run."""
+    rng = random.Random(f"unknown-body:{seed}:{i}")
+    kind = unknown_kind(seed, i)
+    body: dict[str, Any] = {
+        "model": "kimi-k2.5",
+        "messages": [{"role": "user", "content": f"Story {i}, please."}],
+        "max_tokens": rng.randint(40, 120),
+    }
+    if kind in ("abandon", "drop", "unread") or (kind == "bad-usage" and rng.random() < 0.5):
+        body["stream"] = True
+    return body
+
+
+def fault_for_request(record: Any) -> Any:
+    """The stand-in's fault for a request of the unknown-bills run, from its header."""
+    from kimi_budget.testing import Fault
+
+    kind = record.headers.get(FAULT_HEADER)
+    if kind == "timeout":
+        return Fault.slow(1.0)  # answered (and billed) after the client gave up
+    if kind == "no-usage":
+        return Fault.without_usage()
+    if kind == "bad-usage":
+        return Fault.bad_usage({"prompt_tokens": -1, "completion_tokens": 5})
+    return None
+
+
+@dataclass
+class UnknownBillsReport:
+    calls: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    kills: int = 0
+    refused: int = 0
+    rows: int = 0
+    estimated_rows: int = 0
+    server_requests: int = 0
+    cap_nanos: int = 0
+    billed_nanos: int = 0  # what the stand-in would bill: every request it generated for
+    spent_nanos: int = 0  # what the ledger charged
+    overshoot_nanos: int = 0  # billed beyond the cap
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+def run_unknown_bills(size: Size, workdir: Path, *, seed: int = 9) -> UnknownBillsReport:
+    """Calls whose bills are unknown (abandoned, dropped and unread streams, timeouts after
+    sending, missing and malformed usage, processes killed mid-stream) under one daily cap:
+    the server never bills more than the cap."""
+    from kimi_budget.pricing import PriceTable
+    from kimi_budget.testing import MoonshotStandIn
+
+    report = UnknownBillsReport(calls=size.calls // 2)
+    price = PriceTable.load().get("kimi-k2.5")
+    ledger = workdir / "ledger.db"
+    started = time.perf_counter()
+    with MoonshotStandIn(
+        api_key=KEY,
+        reply=LONG_REPLY,
+        latency=(0.0, 0.02),
+        seed=seed,
+        fault_for=fault_for_request,
+    ) as server:
+        # The cap fits about a third of the calls at their worst case: refusals are certain.
+        worst = 0
+        for i in range(report.calls):
+            body = unknown_call(seed, i)
+            worst += (
+                server.count_prompt_tokens(body) * price.cache_miss
+                + body["max_tokens"] * price.output
+            )
+        report.cap_nanos = worst // 3
+        cap = str(Decimal(report.cap_nanos) / 10**9)
+        common = {
+            "base_url": server.base_url,
+            "key": KEY,
+            "ledger": str(ledger),
+            "daily": cap,
+            "seed": seed,
+            "cwd": str(workdir),
+            "timeout": 0.5,
+            "margin": 0.0,
+        }
+        # First, processes killed while a stream of theirs is being read: their reservations
+        # stay until they expire (two seconds), while the others run into the cap.
+        for k in range(max(size.kills_per_point, 1) * 2):
+            cfg = {
+                **common,
+                "mode": "crash",
+                "point": "mid-stream",
+                "first_id": 100_000 + 10_000 * k,
+                "out": "",
+                "timeout": 2.0,
+                "hold_mid_stream": True,
+            }
+            proc = spawn_worker(cfg, stdout=subprocess.PIPE)
+            reader = _LineReader(proc)
+            reached = any(line == "AT mid-stream" for line in reader.lines(time.monotonic() + 60))
+            proc.send_signal(signal.SIGKILL)
+            _, err = proc.communicate(timeout=30)
+            if reached and proc.returncode == -signal.SIGKILL:
+                report.kills += 1
+            else:
+                report.problems.append(f"a mid-stream kill did not happen: {err[-2000:]}")
+        ids = list(range(report.calls))
+        jobs: list[tuple[subprocess.Popen[str], Path]] = []
+        for p in range(size.processes):
+            out = workdir / f"unknown-{p}.json"
+            cfg = {
+                **common,
+                "mode": "unknown",
+                "threads": size.threads,
+                "ids": ids[p :: size.processes],
+                "out": str(out),
+            }
+            jobs.append((spawn_worker(cfg), out))
+        results: list[dict[str, Any]] = []
+        for proc, out in jobs:
+            _, err = proc.communicate(timeout=1800)
+            if proc.returncode != 0:
+                report.problems.append(f"worker exited {proc.returncode}: {err[-2000:]}")
+                continue
+            data = read_results(out)
+            results += data["calls"]
+            report.problems += [f"a worker was warned: {w}" for w in data["warnings"]]
+        # Requests the server is still finishing (a timed-out call's answer) are billed too.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+            not (r.status or r.dropped or r.usage is not None) for r in server.chat_requests
+        ):
+            time.sleep(0.05)
+        requests = server.chat_requests
+        server_errors = list(server.errors)
+    report.seconds = time.perf_counter() - started
+    report.problems += [f"stand-in error: {e!r}" for e in server_errors]
+    report.problems += _judge_unknown_bills(report, ledger, results, requests, seed)
+    return report
+
+
+def _judge_unknown_bills(
+    report: UnknownBillsReport,
+    ledger: Path,
+    results: list[dict[str, Any]],
+    requests: Sequence[Any],
+    seed: int,
+) -> list[str]:
+    import kimi_budget as kb
+
+    problems: list[str] = []
+    report.kinds = dict(Counter(unknown_kind(seed, r["id"]) for r in results))
+    report.refused = sum(r["outcome"] == "refused" for r in results)
+    if report.refused == 0:
+        problems.append("the cap was never reached: the run did not test refusals")
+    if len(results) != report.calls:
+        problems.append(f"{len(results)} outcomes reported for {report.calls} planned calls")
+    # Killed processes leave reservations: another process expires them once they are due.
+    with kb.Ledger(ledger, clock=lambda: datetime.now(UTC) + timedelta(minutes=5)) as later:
+        later.expire_stale()
+    rows = ledger_rows(ledger)
+    report.rows = len(rows)
+    report.estimated_rows = sum(bool(r["estimated"]) for r in rows)
+    by_call: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_call[int(json.loads(row["tags"])[CALL_TAG])].append(row)
+    report.server_requests = len(requests)
+    for rec in requests:
+        call = int(rec.headers[CALL_HEADER])
+        got = by_call.get(call, [])
+        if len(got) != 1:
+            problems.append(f"the server saw call {call}, which has {len(got)} ledger rows")
+            continue
+        report.billed_nanos += priced(rec.usage, got[0])
+    for row in rows:
+        if row["status"] not in FINAL:
+            problems.append(f"row {row['call_id']} is still {row['status']}")
+        if row["estimated"] and row["cost_nanos"] < row["projected_nanos"]:
+            # A bill that could not be read costs the call's whole reservation.
+            problems.append(f"estimated row charged less than its reservation: {row}")
+    report.spent_nanos = sum(r["cost_nanos"] for r in rows)
+    report.overshoot_nanos = max(report.billed_nanos - report.cap_nanos, 0)
+    if report.overshoot_nanos:
+        problems.append(
+            f"the server billed {report.billed_nanos} nano-dollars over a cap of "
+            f"{report.cap_nanos}: {report.overshoot_nanos} over"
+        )
+    if report.spent_nanos < report.billed_nanos:
+        problems.append(
+            f"the ledger charged {report.spent_nanos}, less than the server billed "
+            f"{report.billed_nanos}"
+        )
+    if report.estimated_rows == 0:
+        problems.append("no bill was unknown: the run did not test what it claims")
+    problems += check_totals(ledger, "UTC", ["daily"])
+    return problems

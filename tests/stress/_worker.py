@@ -4,6 +4,9 @@ Modes:
 
 - ``threads``: one guarded ``kb.OpenAI`` shared by ``threads`` threads, making calls ``ids``.
 - ``async``: one ``kb.AsyncOpenAI`` running ``concurrency`` calls at a time.
+- ``unknown``: like ``threads``, but each call leaves its bill unknown in its own way
+  (``_harness.UNKNOWN_KINDS``): abandoned, dropped or unread streams, timeouts after sending,
+  answers without usage or with malformed usage.
 - ``crash``: calls without end, announcing ``RESERVED <id>`` on stdout; at ``point`` it says
   ``AT <point>`` and (for the points inside a transaction or before sending) waits there for
   the parent's SIGKILL.
@@ -121,6 +124,59 @@ def run_threads(cfg: dict[str, Any]) -> None:
     _write(cfg, results)
 
 
+def _unknown_call(client: kb.OpenAI, seed: int, i: int) -> None:
+    """Call ``i`` of the unknown-bills run: read to the end, or left with its bill unknown."""
+    import gc
+
+    kind = h.unknown_kind(seed, i)
+    body = h.unknown_call(seed, i)
+    tagged = client.with_options(tags={h.CALL_TAG: str(i)})
+    headers = {h.CALL_HEADER: str(i), h.FAULT_HEADER: kind}
+    result = tagged.chat.completions.create(**body, extra_headers=headers)
+    if kind == "abandon":
+        next(iter(result))
+        result.close()
+    elif kind == "drop":
+        next(iter(result))
+        del result
+        gc.collect()
+    elif kind == "unread":
+        result.close()
+    elif body.get("stream"):
+        for _ in result:
+            pass
+
+
+def run_unknown(cfg: dict[str, Any]) -> None:
+    import openai
+
+    client = kb.OpenAI(**_client_kwargs(cfg))
+    client._kb.retry = FAST_RETRY
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def work(mine: list[int]) -> None:
+        for i in mine:
+            try:
+                _unknown_call(client, cfg["seed"], i)
+                outcome = _outcome(i, None)
+            except openai.APITimeoutError:
+                outcome = {"id": i, "outcome": "timeout"}
+            except Exception as exc:
+                outcome = _outcome(i, exc)
+            with lock:
+                results.append(outcome)
+
+    ids: list[int] = cfg["ids"]
+    n = cfg["threads"]
+    threads = [threading.Thread(target=work, args=(ids[t::n],)) for t in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _write(cfg, results)
+
+
 def run_async(cfg: dict[str, Any]) -> None:
     async def main() -> list[dict[str, Any]]:
         client = kb.AsyncOpenAI(**_client_kwargs(cfg))
@@ -207,7 +263,8 @@ def run_crash(cfg: dict[str, Any]) -> None:
 
         def on_chunk(n: int) -> None:
             if n == 3:
-                stop_here("mid-stream", wait=False)
+                # hold_mid_stream: stay there, the stream open, until the parent's SIGKILL.
+                stop_here("mid-stream", wait=bool(cfg.get("hold_mid_stream")))
 
         body_stream = bool(h.plan_call(cfg["seed"], i).get("stream"))
         if point == "mid-stream" and not body_stream:
@@ -232,7 +289,8 @@ def main() -> None:
     cfg = json.loads(sys.argv[1])
     warnings.simplefilter("always")
     warnings.showwarning = _record_warning
-    {"threads": run_threads, "async": run_async, "crash": run_crash}[cfg["mode"]](cfg)
+    modes = {"threads": run_threads, "async": run_async, "crash": run_crash, "unknown": run_unknown}
+    modes[cfg["mode"]](cfg)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
                                            # throwaway PostgreSQL cluster, restarted midway
 
 It runs, in this order: the concurrency run (processes x threads + an asyncio client sharing
-one ledger and one daily cap), the crash run (SIGKILL at every point of a call's life), and
+one ledger and one daily cap), the crash run (SIGKILL at every point of a call's life), the
+unknown-bills run (abandoned, dropped and unread streams, timeouts after sending, missing and
+malformed usage, processes killed mid-stream, under one cap: server-billed spend), and
 the hypothesis suites (fuzz, money properties, time windows) at the chosen size, counting the
 examples they tried. Exit status 1 if any guarantee failed; the problems are printed.
 """
@@ -27,7 +29,14 @@ TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from stress._harness import FULL, REDUCED, Size, run_concurrency, run_crashes  # noqa: E402
+from stress._harness import (  # noqa: E402
+    FULL,
+    REDUCED,
+    Size,
+    run_concurrency,
+    run_crashes,
+    run_unknown_bills,
+)
 
 HYPOTHESIS_SUITES = ("test_fuzz.py", "test_money_properties.py", "test_time_windows.py")
 
@@ -99,6 +108,14 @@ def main() -> int:
         crash = run_crashes(size, Path(tmp))
     problems += [f"crashes: {p}" for p in crash.problems]
     print(f"  crashes: {crash.kills} SIGKILLs in {crash.seconds:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        unknown = run_unknown_bills(size, Path(tmp))
+    problems += [f"unknown bills: {p}" for p in unknown.problems]
+    print(
+        f"  unknown bills: {unknown.calls} calls ({unknown.estimated_rows} with unknown bills), "
+        f"{unknown.kills} killed mid-stream, in {unknown.seconds:.1f} s",
+        flush=True,
+    )
     examples, fuzz_ok, fuzz_tail = run_hypothesis(size)
     if not fuzz_ok:
         problems.append(f"hypothesis suites failed:\n{fuzz_tail}")
@@ -127,6 +144,15 @@ def main() -> int:
         "kills_by_point": crash.kills_by_point,
         "expired_reservations_recovered": crash.expired_rows,
         "integrity_check": crash.integrity,
+        "unknown_bill_calls": unknown.calls,
+        "unknown_bill_kinds": unknown.kinds,
+        "unknown_bill_rows_estimated": unknown.estimated_rows,
+        "unknown_bill_kills_mid_stream": unknown.kills,
+        "unknown_bill_refused": unknown.refused,
+        "unknown_bill_cap_usd": usd(unknown.cap_nanos),
+        "unknown_bill_server_billed_usd": usd(unknown.billed_nanos),
+        "unknown_bill_ledger_charged_usd": usd(unknown.spent_nanos),
+        "unknown_bill_overshoot_usd": usd(unknown.overshoot_nanos),
         "fuzz_examples": examples,
         "seconds": round(time.perf_counter() - started, 1),
         "problems": len(problems),
