@@ -815,9 +815,7 @@ def _judge_crashes(
         if row["cost_nanos"] < 0:
             problems.append(f"row {row['call_id']} has a negative cost")
         if row["status"] == "expired" and (
-            not row["estimated"]
-            or not row["note"]
-            or row["cost_nanos"] != row["projected_nanos"]
+            not row["estimated"] or not row["note"] or row["cost_nanos"] != row["projected_nanos"]
         ):
             problems.append(f"expired row not charged its full reservation, flagged: {row}")
 
