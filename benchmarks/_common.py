@@ -244,13 +244,21 @@ def run_processes(
 
 
 def cycle_worker(
-    barrier: Any, results: Any, worker: int, target: str, seconds: float, *, pause: float = 0.0
+    barrier: Any,
+    results: Any,
+    worker: int,
+    target: str,
+    seconds: float,
+    settle: str = "background",
+    *,
+    pause: float = 0.0,
 ) -> None:
     """A ``run_processes`` worker: reserve+settle cycles on ``target`` for ``seconds``.
 
-    Puts ``(worker, cycles, locked, other errors, latencies in ns, first error)``; "locked"
-    counts the errors that say the database was locked or busy. ``pause``: seconds of sleep
-    after each cycle (0: back to back).
+    Puts ``(worker, cycles, locked, other errors, latencies in ns, first error, seconds until
+    every settlement was written)``; "locked" counts the errors that say the database was
+    locked or busy. ``settle`` as in :func:`cycle`. ``pause``: seconds of sleep after each
+    cycle (0: back to back).
     """
     import kimi_budget as kb
 
@@ -261,10 +269,11 @@ def cycle_worker(
     latencies: list[int] = []
     first_error = ""
     barrier.wait()
-    deadline = time.perf_counter() + seconds
+    begun = time.perf_counter()
+    deadline = begun + seconds
     while time.perf_counter() < deadline:
         try:
-            reserve_ns, settle_ns = cycle(ledger, budgets, tags)
+            reserve_ns, settle_ns = cycle(ledger, budgets, tags, settle)
         except (kb.LedgerError, sqlite3.Error) as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 locked += 1
@@ -276,8 +285,9 @@ def cycle_worker(
         cycles += 1
         if pause:
             time.sleep(pause)
-    ledger.close()
-    results.put((worker, cycles, locked, other, latencies, first_error))
+    ledger.close()  # flushes: every settlement is written before the clock stops
+    elapsed = time.perf_counter() - begun
+    results.put((worker, cycles, locked, other, latencies, first_error, elapsed))
 
 
 # -- ledgers -----------------------------------------------------------------------------------
@@ -501,9 +511,15 @@ class StageTimer:
 
 
 def cycle(
-    ledger: Any, budgets: tuple[Any, ...], tags: dict[str, str] | None = None
+    ledger: Any,
+    budgets: tuple[Any, ...],
+    tags: dict[str, str] | None = None,
+    settle: str = "background",
 ) -> tuple[int, int]:
-    """One call's ledger work: check and reserve, then settle. Returns both durations (ns)."""
+    """One call's ledger work: check and reserve, then the settlement, as the caller pays
+    them (durations in ns). ``settle="background"`` (the call path): the settlement is handed
+    to the ledger's background writer (``settle_later``); ``"sync"``: written by the caller
+    (``settle``, a second transaction)."""
     from kimi_budget.ledger import Reservation, Settlement, new_call_id
 
     now = datetime.now(UTC)
@@ -536,5 +552,8 @@ def cycle(
         latency_ms=1,
     )
     settling = time.perf_counter_ns()
-    ledger.settle(settlement)
+    if settle == "sync":
+        ledger.settle(settlement)
+    else:
+        ledger.settle_later(settlement)
     return reserved - started, time.perf_counter_ns() - settling

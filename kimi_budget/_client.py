@@ -617,15 +617,23 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
     async def _kb_reserve_off_loop(
         self, reservation: Any, release: Callable[[], None] | None = None
     ) -> None:
-        """Reserve in the ledger; off the event loop when the ledger waits on a network.
+        """Reserve in the ledger, never waiting on the event loop: on a network (a server
+        ledger) or for a lock (a local ledger another process is writing: its ``try_reserve``
+        says so) the reservation is taken in a worker thread.
 
         ``release``: gives the reservation back if the task is cancelled while a worker thread
         takes it (the call was never sent), instead of letting it expire at full price.
         """
         ledger = self._kb.ledger
         if not getattr(ledger, "blocking_io", False):
-            ledger.reserve(reservation, self._kb.budgets)  # a short local transaction
-            return
+            try_reserve = getattr(ledger, "try_reserve", None)
+            if try_reserve is None:
+                ledger.reserve(reservation, self._kb.budgets)  # a short local transaction
+                return
+            if try_reserve(reservation, self._kb.budgets):
+                return  # done on the loop: nothing had to wait
+            # The local ledger is busy (another process writing, 8 processes contending): the
+            # wait for its lock happens in a worker thread, never on the event loop.
         task = asyncio.ensure_future(
             asyncio.to_thread(ledger.reserve, reservation, self._kb.budgets)
         )

@@ -601,10 +601,9 @@ class Call:
             note=redact(note, self.secrets)[:1000] if note else None,
             usage_json=self._usage_json(bills),
         )
-        try:
-            self.settings.ledger.settle(settlement)
-        except LedgerError as exc:
-            self.settings.ledger.write_fallback(settlement, exc)
+        # Applied by the ledger's background writer (or kept in its fallback file): off the
+        # caller's path; the reservation holds the call's worst case until then.
+        self.settings.ledger.settle_later(settlement)
         if settlement.note:
             # A runtime event, not a programming error: logged (never warned), and kept in the
             # row's ``estimated`` flag and ``note``. The note is redacted.

@@ -55,7 +55,8 @@ def _reservation(now: datetime, *, lasts: float, nanos: int = 1_000_000) -> Rese
 
 
 def _statuses(ledger: kb.Ledger) -> dict[str, str]:
-    rows = ledger.conn.execute("SELECT call_id, status FROM calls")  # type: ignore[attr-defined]
+    # calls_all: settled calls and the reservations in flight (their own table since m005).
+    rows = ledger.conn.execute("SELECT call_id, status FROM calls_all")  # type: ignore[attr-defined]
     return dict(rows.fetchall())
 
 

@@ -118,6 +118,7 @@ def test_the_api_key_never_leaves(
         attempt()
         server.queue_fault(Fault(on_request=lock_ledger))
         attempt()  # the ledger is locked when the answer arrives: the fallback file takes it
+        client.ledger.flush()  # the settle writer has tried (and failed) by now
         fallback = ledger_path.with_name(ledger_path.name + ".fallback.jsonl")
         assert fallback.exists()
         fallback_bytes.append(fallback.read_bytes())
@@ -426,6 +427,7 @@ def test_an_unwritable_fallback_never_reaches_the_caller(
 
             server.queue_fault(Fault(on_request=lock))
             response = client.chat.completions.create(model="kimi-k2.5", messages=HI, max_tokens=5)
+            client.ledger.flush()  # the settle writer tries while the ledger is still locked
         assert response.usage is not None
         [lost] = [r for r in caplog.records if "record it by hand" in r.getMessage()]
         assert lost.levelname == "ERROR"

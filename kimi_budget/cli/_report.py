@@ -232,6 +232,7 @@ def _sql_ledger(ledger: Ledger) -> SQLiteLedger:
         from .._exceptions import LedgerError
 
         raise LedgerError(f"Reports cannot read {ledger.location} yet: only SQLite ledgers.")
+    ledger.flush()  # this process's own calls count
     return ledger
 
 
@@ -374,8 +375,8 @@ def build_report(
         where += " AND currency = ?"
         params.append(currency)
     pending_calls, pending_nanos = conn.execute(
-        f"SELECT count(*), coalesce(sum(projected_nanos), 0) FROM calls "
-        f"WHERE status = 'pending'{where}",
+        f"SELECT count(*), coalesce(sum(projected_nanos), 0) FROM {ledger.pending_table} "
+        f"WHERE 1 = 1{where}",
         params,
     ).fetchone()
     # Fees and Batch API spend, from the few rows that have them (the rollup has neither);
@@ -485,38 +486,36 @@ def list_calls(
     conn = ledger.conn
     where, params = ledger.filters(since=since, until=until, model=model, tags=tags)
     order = "ORDER BY created_at DESC, id DESC LIMIT ?"
+    found = []
     if model is None:
         # Walking the created_at index backwards finds the newest rows of any common filter.
-        cursor = conn.execute(
-            f"SELECT {_CALL_COLUMNS} FROM calls WHERE 1 = 1{where} {order}", [*params, limit]
-        )
-        names = [d[0] for d in cursor.description]
-        found = cursor.fetchall()
+        found += conn.execute(
+            f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED}{where} {order}",
+            [*params, limit],
+        ).fetchall()
     else:
         # No index leads with model (it would slow every call's insert): the rollup tells
-        # from which slot on the newest `limit` settled calls of the model lie, and the few
-        # reservations in flight are read apart, through their own small index.
+        # from which slot on the newest `limit` settled calls of the model lie.
         floor = _newest_slot(conn, limit, until, model, tags, ledger)
-        found = []
         if floor is not None:
-            cursor = conn.execute(
+            found += conn.execute(
                 f"SELECT {_CALL_COLUMNS} FROM calls WHERE {_SETTLED} AND created_at >= ?"
                 f"{where} {order}",
                 [floor, *params, limit],
-            )
-            found += cursor.fetchall()
-        pending_where, pending_params = ledger.filters(
-            since=since, until=until, model=model, tags=tags, use_indexes=False
-        )
-        cursor = conn.execute(
-            f"SELECT {_CALL_COLUMNS} FROM calls WHERE status = 'pending'{pending_where}",
-            pending_params,
-        )
-        names = [d[0] for d in cursor.description]
-        found += cursor.fetchall()
-        created, ident = names.index("created_at"), names.index("id")
-        found.sort(key=lambda r: (r[created], r[ident]), reverse=True)
-        del found[limit:]
+            ).fetchall()
+    # The few reservations in flight are read apart, from their own small table.
+    pending_where, pending_params = ledger.filters(
+        since=since, until=until, model=model, tags=tags, use_indexes=False
+    )
+    cursor = conn.execute(
+        f"SELECT {_CALL_COLUMNS} FROM {ledger.pending_table} WHERE 1 = 1{pending_where}",
+        pending_params,
+    )
+    names = [d[0] for d in cursor.description]
+    found += cursor.fetchall()
+    created, ident = names.index("created_at"), names.index("id")
+    found.sort(key=lambda r: (r[created], r[ident]), reverse=True)
+    del found[limit:]
     return [_call_json(dict(zip(names, values, strict=True))) for values in found]
 
 

@@ -160,6 +160,22 @@ class Ledger:
         """Record how a call ended. Returns False if it was already settled (idempotent)."""
         raise NotImplementedError
 
+    def settle_later(self, settlement: Settlement) -> None:
+        """Record how a call ended without keeping the caller waiting; never raises for the
+        ledger's sake (a call's answer must reach its caller).
+
+        The call path uses this. A backend may queue it for a background writer (the
+        reservation holds the full projected cost until it is applied) as long as reads
+        by this process flush first; what cannot be written goes to the fallback file. This
+        default settles now and falls back on failure.
+        """
+        from .._exceptions import LedgerError
+
+        try:
+            self.settle(settlement)
+        except LedgerError as exc:
+            self.write_fallback(settlement, exc)
+
     def extend(self, call_id: str, expires_at: datetime) -> None:
         """Push a live reservation's expiry out (a call still retrying or streaming)."""
         raise NotImplementedError

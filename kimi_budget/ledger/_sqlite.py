@@ -17,6 +17,7 @@ written. Fork safety: a child never uses (or closes) its parent's connection; it
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -58,6 +59,7 @@ from ._backend import (
 from ._fallback import FallbackFile
 from ._records import Reservation, Settlement, WindowStatus
 from ._windows import Scope, as_utc_text
+from ._writer import SettleWriter
 from .migrations._sqlite import APPLICATION_ID, apply_migrations
 
 __all__ = ["SQLiteLedger"]
@@ -72,9 +74,54 @@ _UPDATE_CALL = (
     "UPDATE calls SET status = ?, finished_at = ?, prompt_tokens = ?, cached_tokens = ?, "
     "completion_tokens = ?, cost_nanos = ?, estimated = ?, attempts = ?, "
     "request_id = ?, latency_ms = ?, error = ?, note = ?, fee_nanos = ?, "
-    "cache_write_tokens = ?, usage_json = ?, expires_at = NULL "
+    "cache_write_tokens = ?, usage_json = ? "
     "WHERE call_id = ?"
 )
+
+
+# A reservation's columns, as ``reservations`` holds them and ``calls`` keeps them.
+_HELD = (
+    "call_id, created_at, model, tags, stream, currency, projected_nanos, prompt_estimate, "
+    "price_cache_hit, price_cache_miss, price_output"
+)
+
+
+def _held(res: Reservation) -> tuple[Any, ...]:
+    """A reservation as ``_HELD``'s columns."""
+    return (
+        res.call_id,
+        format_utc(res.created_at),
+        res.model,
+        tags_json(res.tags),
+        int(res.stream),
+        res.currency,
+        res.projected_nanos,
+        res.prompt_estimate,
+        res.price_cache_hit,
+        res.price_cache_miss,
+        res.price_output,
+    )
+
+
+def _outcome(s: Settlement) -> tuple[Any, ...]:
+    """A settlement's columns, in ``_UPDATE_CALL``'s order."""
+    return (
+        s.status,
+        format_utc(s.finished_at),
+        s.prompt_tokens,
+        s.cached_tokens,
+        s.completion_tokens,
+        s.cost_nanos,
+        int(s.estimated),
+        s.attempts,
+        s.request_id,
+        s.latency_ms,
+        s.error,
+        s.note,
+        s.fee_nanos,
+        s.cache_write_tokens,
+        s.usage_json,
+    )
 
 
 class SQLiteLedger(Ledger):
@@ -99,6 +146,7 @@ class SQLiteLedger(Ledger):
             logger.info("kimi-budget opened %s read-only: %s", self.path, self._read_only_why)
         self.busy_timeout = busy_timeout
         self.location = str(self.path)
+        self._file = os.path.realpath(self.path)  # the same file, however it was named
         self.clock: Clock = clock or utcnow
         self.fallback_path = self.path.with_name(self.path.name + ".fallback.jsonl")
         self._fallback = FallbackFile(self.fallback_path, self.location)
@@ -110,9 +158,18 @@ class SQLiteLedger(Ledger):
         self._deferred: list[Settlement] = []
         self._inherited: list[sqlite3.Connection] = []
         self._merging = False
+        self._commits = self._checkpointed_at = 0
+        self._checkpoints_apart = False
+        self._ckpt_conn: sqlite3.Connection | None = None
+        self._settler = SettleWriter(self._apply_batch, self._rescue, self._upkeep, idle_every=0.5)
         self._conn = self._open()
         self._db: sqlite_utils.Database | None = None
         self._columns = {row[1] for row in self._conn.execute("PRAGMA table_info(calls)")}
+        self._split = bool(
+            self._conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'reservations'"
+            ).fetchone()
+        )
         _OPEN_LEDGERS.add(self)
         if not self.read_only:
             # Reservations of processes that died are settled as soon as anyone opens the
@@ -253,10 +310,14 @@ class SQLiteLedger(Ledger):
         return self._conn
 
     def _after_fork(self) -> None:
-        # A lock held by another thread at fork() would never be released in the child.
+        # A lock held by another thread at fork() would never be released in the child; the
+        # parent's writer thread and its queue stay the parent's.
         self._lock = threading.RLock()
         self._writer = None
         self._deferred = []
+        self._settler.after_fork()
+        self._ckpt_conn = None
+        self._checkpoints_apart = False
 
     @property
     def db(self) -> sqlite_utils.Database:
@@ -272,36 +333,57 @@ class SQLiteLedger(Ledger):
         return self._db
 
     def close(self) -> None:
+        """Write what is queued, then close (safe to call twice)."""
+        if self._pid == os.getpid():
+            self._settler.close()
         with self._lock:
+            if self._ckpt_conn is not None:
+                self._ckpt_conn.close()
+                self._ckpt_conn = None
             self._conn.close()
 
-    @contextlib.contextmanager
-    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction, after merging a waiting fallback file (any writer does)."""
+    def _refuse_if_read_only(self, doing: str) -> None:
         if self.read_only:
             raise ledger_error(
                 f"Cannot {doing} the ledger {self.path}: it is open read-only "
                 f"({self._read_only_why}); record calls in a ledger you may write.",
                 path=str(self.path),
             )
+
+    @contextlib.contextmanager
+    def _write(self, doing: str, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, after merging a waiting fallback file (any writer does).
+
+        ``wait=False``: raise ``_WouldWait`` (having done nothing) instead of waiting for a
+        lock, this process's or another's, or doing the slow work of a merge.
+        """
+        self._refuse_if_read_only(doing)
         if not self._merging and self._fallback.pending():
+            if not wait:
+                raise _WouldWait
             self._merge_fallback()
-        with self._transaction(doing) as conn:
+        with self._transaction(doing, wait=wait) as conn:
             yield conn
 
     @contextlib.contextmanager
-    def _transaction(self, doing: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, doing: str, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction; SQLite errors become ``LedgerError``."""
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            raise _WouldWait
+        try:
             conn = self.conn
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                if wait:
+                    conn.execute("BEGIN IMMEDIATE")
+                else:
+                    self._begin_now(conn)
             except sqlite3.Error as exc:
                 raise ledger_error(self._explain(exc, doing), path=str(self.path)) from None
             self._writer = threading.get_ident()
             try:
                 yield conn
                 conn.execute("COMMIT")
+                self._commits += 1
             except sqlite3.Error as exc:
                 _rollback(conn)
                 raise ledger_error(self._explain(exc, doing), path=str(self.path)) from None
@@ -310,19 +392,67 @@ class SQLiteLedger(Ledger):
                 raise
             finally:
                 self._writer = None
-            self._settle_deferred()
+        finally:
+            self._lock.release()
+        self._settle_deferred()
+
+    def _begin_now(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE`` if the write lock is free this instant, else ``_WouldWait``."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise _WouldWait from None
+            raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     # -- the call lifecycle ----------------------------------------------------------------
 
     def reserve(self, reservation: Reservation, budgets: Sequence[Budget] = ()) -> None:
         """Check every applicable cap and reserve the projected cost, atomically.
 
-        Raises ``BudgetExceededError`` (and reserves nothing) if any cap would be exceeded.
+        One short transaction on a few hot pages: the window totals it reads and moves, and
+        a narrow row in the table of reservations in flight. Raises ``BudgetExceededError``
+        (and reserves nothing) if any cap would be exceeded.
         """
-        tags = dict(reservation.tags)
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
-        with self._write("reserve budget in") as conn:
+        refusal = self._reserve(reservation, applicable)
+        if refusal is not None and self._settler.queued:
+            # Settlements of this process still queued hold their full reservations: write
+            # them, then look again (a queue may only ever make a check stricter).
+            self._settler.flush()
+            refusal = self._reserve(reservation, applicable)
+        if refusal is not None:
+            raise refusal
+
+    def try_reserve(self, reservation: Reservation, budgets: Sequence[Budget] = ()) -> bool:
+        """``reserve()`` if it can be done this instant, without waiting for any lock.
+
+        False (nothing reserved) when it would have to wait: another process writing, this
+        process's settle writer mid-batch, a fallback file to merge, a refusal that a flush
+        might lift. The async client calls this on its event loop and, on False, ``reserve``
+        in a worker thread, so the loop never waits on the ledger.
+        """
+        applicable = _windows.applicable(budgets, reservation)
+        _windows.check_per_call(reservation, applicable)
+        try:
+            refusal = self._reserve(reservation, applicable, wait=False)
+        except _WouldWait:
+            return False
+        if refusal is not None:
+            if self._settler.queued:
+                return False  # reserve() flushes and looks again, off the loop
+            raise refusal
+        return True
+
+    def _reserve(
+        self, reservation: Reservation, applicable: Sequence[Budget], *, wait: bool = True
+    ) -> BudgetExceededError | None:
+        tags = reservation.tags
+        with self._write("reserve budget in", wait=wait) as conn:
             now = self.clock()
             # Expired reservations (of dead processes) are looked for at most about once a
             # second: one left a moment longer only keeps its budget reserved a moment longer.
@@ -346,9 +476,8 @@ class SQLiteLedger(Ledger):
                     reserved=reservation.projected_nanos,
                     currency=reservation.currency,
                 )
-        # Raised after the commit, so that the expiries done on the way are kept.
-        if refusal is not None:
-            raise refusal
+        # Returned (and raised) after the commit, so that the expiries done on the way stay.
+        return refusal
 
     def _refusal(
         self,
@@ -373,24 +502,22 @@ class SQLiteLedger(Ledger):
         self, conn: sqlite3.Connection, reservation: Reservation, tags: Mapping[str, str]
     ) -> None:
         conn.execute(
-            "INSERT INTO calls (call_id, created_at, model, tags, status, stream, "
-            "prompt_tokens, projected_nanos, prompt_estimate, price_cache_hit, "
-            "price_cache_miss, price_output, estimated, expires_at, currency) "
-            "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
+            "INSERT INTO reservations (call_id, created_at, expires_at, model, tags, stream, "
+            "currency, projected_nanos, prompt_estimate, price_cache_hit, price_cache_miss, "
+            "price_output) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 reservation.call_id,
                 format_utc(reservation.created_at),
+                format_utc(reservation.expires_at),
                 reservation.model,
                 tags_json(tags),
                 int(reservation.stream),
-                reservation.prompt_estimate,
+                reservation.currency,
                 reservation.projected_nanos,
                 reservation.prompt_estimate,
                 reservation.price_cache_hit,
                 reservation.price_cache_miss,
                 reservation.price_output,
-                format_utc(reservation.expires_at),
-                reservation.currency,
             ),
         )
 
@@ -398,19 +525,61 @@ class SQLiteLedger(Ledger):
         """Push a live reservation's expiry out (a call that is retrying is not dead)."""
         with self._write("extend a reservation in") as conn:
             conn.execute(
-                "UPDATE calls SET expires_at = ? WHERE call_id = ? AND status = 'pending'",
+                "UPDATE reservations SET expires_at = ? WHERE call_id = ?",
                 (format_utc(expires_at), call_id),
             )
 
     def settle(self, settlement: Settlement) -> bool:
-        """Record how a call ended. Returns False if it was already settled (idempotent)."""
+        """Record how a call ended, now. False if it was already settled (idempotent)."""
         if self._writer == threading.get_ident():
             # Called from inside one of our own transactions on this thread: a stream's
             # finalizer run by the garbage collector. It is written right after the commit.
             self._deferred.append(settlement)
             return True
+        self.flush()  # in order with what this process queued before
         with self._write("record a call in") as conn:
             return self._settle(conn, settlement)
+
+    def settle_later(self, settlement: Settlement) -> None:
+        """Queue how a call ended for the background writer; returns at once.
+
+        The reservation keeps holding the call's full projected cost until the writer
+        applies this; if it cannot, the settlement goes to the fallback file.
+        """
+        self._refuse_if_read_only("record a call in")
+        if not self._checkpoints_apart:
+            # From now on the writer checkpoints between batches; no caller's commit does.
+            self._checkpoints_apart = True
+            with self._lock:
+                self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._settler.submit(settlement)
+
+    def flush(self) -> None:
+        """Write the settlements this process queued for this file, through any of its
+        ``Ledger`` objects (reads and close() do it first)."""
+        for ledger in list(_OPEN_LEDGERS):
+            if ledger._settler.queued and ledger._file == self._file:
+                ledger._settler.flush()
+
+    def _apply_batch(self, batch: Sequence[Settlement]) -> None:
+        with self._write("record calls in") as conn:
+            for settlement in batch:
+                self._settle(conn, settlement)
+
+    def _rescue(self, batch: Sequence[Settlement], exc: BaseException) -> None:
+        for settlement in batch:
+            self.write_fallback(settlement, exc)
+
+    def _upkeep(self) -> None:
+        """On the writer's thread, between batches: checkpoint the WAL, off every caller's
+        commit (a PASSIVE checkpoint on its own connection: it takes no write lock)."""
+        if self._commits == self._checkpointed_at or self._pid != os.getpid():
+            return
+        self._checkpointed_at = self._commits
+        if self._ckpt_conn is None:
+            self._ckpt_conn = sqlite3.connect(self.path, timeout=0, check_same_thread=False)
+        with contextlib.suppress(sqlite3.Error):
+            self._ckpt_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _settle_deferred(self) -> None:
         if not self._deferred:
@@ -426,102 +595,61 @@ class SQLiteLedger(Ledger):
 
     def _settle(self, conn: sqlite3.Connection, s: Settlement) -> bool:
         res = s.reservation
-        tags = dict(res.tags)
         scopes = self._scopes(conn)
-        values = (
-            s.status,
-            format_utc(s.finished_at),
-            s.prompt_tokens,
-            s.cached_tokens,
-            s.completion_tokens,
-            s.cost_nanos,
-            int(s.estimated),
-            s.attempts,
-            s.request_id,
-            s.latency_ms,
-            s.error,
-            s.note,
-            s.fee_nanos,
-            s.cache_write_tokens,
-            s.usage_json,
-        )
         if _HAS_RETURNING:
-            # The usual case, a pending reservation settling, in one statement instead of two.
-            settled = conn.execute(
-                _UPDATE_CALL + " AND status = 'pending' RETURNING projected_nanos",
-                (*values, res.call_id),
+            held = conn.execute(
+                f"DELETE FROM reservations WHERE call_id = ? RETURNING {_HELD}", (res.call_id,)
             ).fetchall()
-            if settled:
-                self._add_totals(
-                    conn,
-                    scopes,
-                    tags,
-                    res.created_at,
-                    spent=s.cost_nanos,
-                    reserved=-settled[0][0],
-                    currency=res.currency,
-                )
-                return True
-        row = conn.execute(
-            "SELECT status, cost_nanos, projected_nanos FROM calls WHERE call_id = ?",
-            (res.call_id,),
-        ).fetchone()
-        if row is None:
-            # Only a fallback line whose reservation never reached this file lands here.
-            conn.execute(
-                "INSERT INTO calls (call_id, created_at, model, tags, stream, projected_nanos, "
-                "prompt_estimate, price_cache_hit, price_cache_miss, price_output, status, "
-                "finished_at, prompt_tokens, cached_tokens, completion_tokens, cost_nanos, "
-                "estimated, attempts, request_id, latency_ms, error, note, fee_nanos, "
-                "cache_write_tokens, usage_json, currency) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    res.call_id,
-                    format_utc(res.created_at),
-                    res.model,
-                    tags_json(tags),
-                    int(res.stream),
-                    res.projected_nanos,
-                    res.prompt_estimate,
-                    res.price_cache_hit,
-                    res.price_cache_miss,
-                    res.price_output,
-                    *values,
-                    res.currency,
-                ),
-            )
-            self._add_totals(
-                conn,
-                scopes,
-                tags,
-                res.created_at,
-                spent=s.cost_nanos,
-                reserved=0,
-                currency=res.currency,
-            )
-            return True
-        status, old_cost, projected = row
-        if status == "pending":
-            spent_delta, reserved_delta = s.cost_nanos, -projected
-        elif status == "expired" and s.status != "expired":
-            # The call outlived its reservation; its real outcome replaces the estimate.
-            spent_delta, reserved_delta = s.cost_nanos - old_cost, 0
+        else:  # pragma: no cover - SQLite before 3.35
+            held = conn.execute(
+                f"SELECT {_HELD} FROM reservations WHERE call_id = ?", (res.call_id,)
+            ).fetchall()
+            conn.execute("DELETE FROM reservations WHERE call_id = ?", (res.call_id,))
+        if held:
+            # The reservation as it was recorded (its prices, projection, time and tags) is
+            # what the row keeps and what the totals move back.
+            stored = held[0]
+            self._insert_call(conn, s, stored)
+            created_at, tags, currency = parse_utc(stored[1]), json.loads(stored[3]), stored[5]
+            spent_delta, reserved_delta = s.cost_nanos, -stored[6]
         else:
-            return False
-        conn.execute(_UPDATE_CALL, (*values, res.call_id))
+            created_at, tags, currency = res.created_at, res.tags, res.currency
+            row = conn.execute(
+                "SELECT status, cost_nanos FROM calls WHERE call_id = ?", (res.call_id,)
+            ).fetchone()
+            if row is None:
+                # A fallback line whose reservation never reached this file.
+                spent_delta, reserved_delta = s.cost_nanos, 0
+                self._insert_call(conn, s, _held(res))
+            elif row[0] == "expired" and s.status != "expired":
+                # The call outlived its reservation; its real outcome replaces the estimate.
+                spent_delta, reserved_delta = s.cost_nanos - row[1], 0
+                conn.execute(_UPDATE_CALL, (*_outcome(s), res.call_id))
+            else:
+                return False
         self._add_totals(
             conn,
             scopes,
             tags,
-            res.created_at,
+            created_at,
             spent=spent_delta,
             reserved=reserved_delta,
-            currency=res.currency,
+            currency=currency,
         )
         return True
 
+    def _insert_call(self, conn: sqlite3.Connection, s: Settlement, held: Sequence[Any]) -> None:
+        """The settled row: the reservation's columns (``_HELD``'s order), then the outcome."""
+        conn.execute(
+            f"INSERT INTO calls ({_HELD}, status, finished_at, prompt_tokens, cached_tokens, "
+            "completion_tokens, cost_nanos, estimated, attempts, request_id, latency_ms, error, "
+            "note, fee_nanos, cache_write_tokens, usage_json) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*held, *_outcome(s)),
+        )
+
     def expire_stale(self) -> int:
-        """Turn reservations past their expiry into ``expired`` rows; returns how many."""
+        """Settle reservations past their expiry at their full cost; returns how many."""
         with self._write("expire reservations in") as conn:
             return self._expire_stale(conn, self.clock())
 
@@ -529,8 +657,7 @@ class SQLiteLedger(Ledger):
         stale = conn.execute(
             "SELECT call_id, created_at, model, tags, stream, projected_nanos, prompt_estimate, "
             "price_cache_hit, price_cache_miss, price_output, expires_at, attempts, currency "
-            "FROM calls "
-            "WHERE status = 'pending' AND expires_at < ?",
+            "FROM reservations WHERE expires_at < ?",
             (format_utc(now),),
         ).fetchall()
         for row in stale:
@@ -606,12 +733,15 @@ class SQLiteLedger(Ledger):
         if bounds is not None:
             where += " AND created_at >= ? AND created_at < ?"
             params += bounds
-        spent, reserved = conn.execute(
-            "SELECT coalesce(sum(CASE WHEN status != 'pending' THEN cost_nanos END), 0), "
-            "coalesce(sum(CASE WHEN status = 'pending' THEN projected_nanos END), 0) "
-            f"FROM calls WHERE 1 = 1{where}",
+        spent = conn.execute(
+            f"SELECT coalesce(sum(cost_nanos), 0) FROM calls WHERE status != 'pending'{where}",
             params,
-        ).fetchone()
+        ).fetchone()[0]
+        reserved = conn.execute(
+            f"SELECT coalesce(sum(projected_nanos), 0) FROM {self.pending_table} "
+            f"WHERE 1 = 1{where}",
+            params,
+        ).fetchone()[0]
         return int(spent), int(reserved)
 
     def _read_totals(
@@ -691,7 +821,7 @@ class SQLiteLedger(Ledger):
             params.append(currency)
         elif currency != "USD":
             return Decimal(0)  # a ledger written before currencies holds USD only
-        self.flush()
+        self.flush()  # this process's own calls count
         with self._lock:
             total = self.conn.execute(
                 f"SELECT coalesce(sum(cost_nanos), 0) FROM calls WHERE status != 'pending'{where}",
@@ -728,6 +858,7 @@ class SQLiteLedger(Ledger):
 
     def status(self, budget: Budget) -> list[WindowStatus]:
         """Each cap of ``budget`` now: spent, reserved, and when its window resets."""
+        self.flush()
         now = self.clock()
         totals: dict[str, tuple[int, int]] = {}
         if self.read_only:
@@ -753,26 +884,77 @@ class SQLiteLedger(Ledger):
                 totals = self._read_totals(conn, scope, budget.windows, now)
         return _windows.window_status(budget, now, totals)
 
+    @property
+    def pending_table(self) -> str:
+        """SQL naming the reservations in flight as rows shaped like ``calls``."""
+        if self._split:
+            return "pending_calls"
+        return "(SELECT * FROM calls WHERE status = 'pending')"  # a ledger read before m005
+
     def pending(self) -> list[dict[str, Any]]:
-        """Reservations in flight (calls sent and not yet settled)."""
+        """Reservations in flight (calls sent and not yet settled), oldest first."""
+        self.flush()
         with self._lock:
-            # "+created_at": sorting the few pending rows beats walking the created_at index
-            # over every row (SQLite's choice otherwise), 0.1 s on a million-row ledger.
+            # "+created_at": sorting the few pending rows beats walking an index over all.
             cursor = self.conn.execute(
                 "SELECT call_id, created_at, model, tags, projected_nanos, expires_at, attempts "
-                "FROM calls WHERE status = 'pending' ORDER BY +created_at"
+                f"FROM {self.pending_table} ORDER BY +created_at"
             )
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    def all_calls(self, batch: int = 5000) -> Iterator[dict[str, Any]]:
+        """Every call, settled ones in insertion order, then those in flight (as rows shaped
+        like ``calls``): what ``kimi-budget ledger copy`` reads."""
+        self.flush()
+        last = 0
+        while True:
+            with self._lock:
+                cursor = self.conn.execute(
+                    "SELECT * FROM calls WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                )
+                names = [d[0] for d in cursor.description]
+                rows = cursor.fetchall()
+            if not rows:
+                break
+            yield from (dict(zip(names, row, strict=True)) for row in rows)
+            last = rows[-1][names.index("id")]
+        if self._split:
+            with self._lock:
+                cursor = self.conn.execute("SELECT * FROM pending_calls ORDER BY +created_at")
+                names = [d[0] for d in cursor.description]
+                rows = cursor.fetchall()
+            yield from (dict(zip(names, row, strict=True)) for row in rows)
+
+    def has_call(self, call_id: str) -> bool:
+        """Whether the ledger has this call, settled or in flight."""
+        self.flush()
+        with self._lock:
+            found = self.conn.execute("SELECT 1 FROM calls WHERE call_id = ?", (call_id,))
+            if found.fetchone() is not None:
+                return True
+            if not self._split:
+                return False
+            found = self.conn.execute("SELECT 1 FROM reservations WHERE call_id = ?", (call_id,))
+            return found.fetchone() is not None
+
     def calls(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The latest calls, newest first, as dicts of the ``calls`` columns."""
+        """The latest calls (settled and in flight), newest first, as dicts of the ``calls``
+        columns."""
+        self.flush()
         with self._lock:
             cursor = self.conn.execute(
                 "SELECT * FROM calls ORDER BY created_at DESC, id DESC LIMIT ?", (limit,)
             )
             names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            found = cursor.fetchall()
+            if self._split:
+                found += self.conn.execute(
+                    "SELECT * FROM pending_calls ORDER BY +created_at DESC LIMIT ?", (limit,)
+                ).fetchall()
+        at, ident = names.index("created_at"), names.index("id")
+        found.sort(key=lambda row: (row[at], row[ident]), reverse=True)
+        return [dict(zip(names, row, strict=True)) for row in found[:limit]]
 
 
 _OPEN_LEDGERS: weakref.WeakSet[SQLiteLedger] = weakref.WeakSet()
@@ -783,8 +965,21 @@ def _reset_after_fork() -> None:
         ledger._after_fork()
 
 
+def _flush_at_exit() -> None:
+    for ledger in list(_OPEN_LEDGERS):
+        if ledger._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                ledger._settler.close()
+
+
+atexit.register(_flush_at_exit)
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+class _WouldWait(Exception):
+    """A write that was asked not to wait would have had to."""
 
 
 def _writable(path: Path) -> bool:

@@ -201,7 +201,8 @@ def ledger_rows(path: Target) -> list[dict[str, Any]]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM calls ORDER BY id")]
+        # calls_all: the settled calls and the reservations still in flight.
+        return [dict(r) for r in conn.execute("SELECT * FROM calls_all ORDER BY id")]
     finally:
         conn.close()
 

@@ -275,7 +275,77 @@ def m005_extra_charges_index(conn: sqlite3.Connection) -> None:
     ``report`` sums them without reading every row of a large ledger."""
     conn.execute(
         "CREATE INDEX calls_extra_charges ON calls (created_at) "
-        "WHERE fee_nanos != 0 OR tags LIKE '%\"api\":\"batch\"%'"
+        'WHERE fee_nanos != 0 OR tags LIKE \'%"api":"batch"%\''
+    )
+
+
+# The columns of ``calls`` (named: a view's ``*`` would break when a column is added), and
+# the same columns as a reservation in flight shows them (``pending_calls``).
+_CALL_COLUMNS = (
+    "id, call_id, created_at, finished_at, model, tags, status, stream, prompt_tokens, "
+    "cached_tokens, completion_tokens, cost_nanos, projected_nanos, prompt_estimate, "
+    "price_cache_hit, price_cache_miss, price_output, estimated, attempts, request_id, "
+    "latency_ms, error, note, expires_at, currency, fee_nanos, cache_write_tokens, usage_json"
+)
+_PENDING_AS_CALL = """
+    0 AS id, call_id, created_at, NULL AS finished_at, model, tags, 'pending' AS status,
+    stream, prompt_estimate AS prompt_tokens, NULL AS cached_tokens,
+    NULL AS completion_tokens, 0 AS cost_nanos, projected_nanos, prompt_estimate,
+    price_cache_hit, price_cache_miss, price_output, 1 AS estimated, attempts,
+    NULL AS request_id, NULL AS latency_ms, NULL AS error, NULL AS note, expires_at,
+    currency, 0 AS fee_nanos, NULL AS cache_write_tokens, NULL AS usage_json"""
+
+
+@migration
+def m006_reservations(conn: sqlite3.Connection) -> None:
+    """Reservations in flight in their own small table, apart from the settled history.
+
+    A call's one synchronous write (its reservation) then touches a few hot pages: a narrow
+    row in a table that holds only the calls in flight, and the window totals. Its settlement
+    inserts the full row into ``calls`` (indexes, rollup trigger) from the background writer.
+    ``calls`` holds settled calls only; ``pending_calls`` shows the reservations in the shape
+    of ``calls``, and ``calls_all`` is both (what ``calls`` was before).
+    """
+    _execute_script(
+        conn,
+        f"""
+        CREATE TABLE reservations (
+            call_id TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            tags TEXT NOT NULL DEFAULT '{{}}',
+            stream INTEGER NOT NULL DEFAULT 0,
+            currency TEXT NOT NULL DEFAULT 'USD',
+            projected_nanos INTEGER NOT NULL,
+            prompt_estimate INTEGER NOT NULL,
+            price_cache_hit INTEGER NOT NULL,
+            price_cache_miss INTEGER NOT NULL,
+            price_output INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID;
+        CREATE INDEX reservations_expires_at ON reservations (expires_at);
+        INSERT INTO reservations (call_id, created_at, expires_at, model, tags, stream,
+            currency, projected_nanos, prompt_estimate, price_cache_hit, price_cache_miss,
+            price_output, attempts)
+            SELECT call_id, created_at, coalesce(expires_at, created_at), model, tags, stream,
+            currency, projected_nanos, prompt_estimate, price_cache_hit, price_cache_miss,
+            price_output, attempts FROM calls WHERE status = 'pending';
+        DELETE FROM calls WHERE status = 'pending';
+        DROP INDEX IF EXISTS calls_pending_expiry;
+        CREATE VIEW pending_calls AS SELECT {_PENDING_AS_CALL} FROM reservations;
+        CREATE VIEW calls_all AS
+            SELECT {_CALL_COLUMNS} FROM calls
+            UNION ALL SELECT {_CALL_COLUMNS} FROM pending_calls;
+        DROP VIEW IF EXISTS calls_usd;
+        CREATE VIEW calls_usd AS SELECT
+            id, created_at, finished_at, model, tags, status, stream,
+            prompt_tokens, cached_tokens, completion_tokens, cache_write_tokens, currency,
+            cost_nanos / 1e9 AS cost_usd, fee_nanos / 1e9 AS fee_usd,
+            projected_nanos / 1e9 AS projected_usd,
+            estimated, attempts, request_id, latency_ms, error, note, usage_json
+        FROM calls_all
+        """,
     )
 
 
