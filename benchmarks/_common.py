@@ -300,8 +300,8 @@ _MODELS = [  # (model, share, price per token in nano-dollars: cache hit, miss, 
 ]
 _PROJECTS = ["bench", "crawler", "chatbot", "eval", "docs"]
 # Bump when the rows below or the ledger's schema change, so cached templates are rebuilt
-# (3: the usage rollup of migration m002; 4: time-ordered call ids).
-_BUILD_VERSION = 4
+# (3: the usage rollup of migration m002; 4: time-ordered call ids; 5: m005 reservations).
+_BUILD_VERSION = 5
 
 
 def _call_id(created: datetime, rng: random.Random) -> str:
