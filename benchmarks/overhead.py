@@ -146,6 +146,7 @@ def sync_comparison(
         for _ in range(warmup):
             _one(raw, stream)
             _one(guarded, stream)
+        _flush(ledger)  # the warm-up's settlements are written before the count
         before = ledger.conn.execute("SELECT count(*) FROM calls").fetchone()[0]
         raw_s, kb_s = Sample(), Sample()
         gc.collect()
