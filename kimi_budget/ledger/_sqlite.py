@@ -420,10 +420,11 @@ class SQLiteLedger(Ledger):
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
         refusal = self._reserve(reservation, applicable)
-        if refusal is not None and self._settler.queued:
-            # Settlements of this process still queued hold their full reservations: write
-            # them, then look again (a queue may only ever make a check stricter).
-            self._settler.flush()
+        if refusal is not None and self._queued():
+            # Settlements of this process still queued (through any Ledger object on this
+            # file) hold their full reservations: write them, then look again (a queue may
+            # only ever make a check stricter).
+            self.flush()
             refusal = self._reserve(reservation, applicable)
         if refusal is not None:
             raise refusal
@@ -443,7 +444,7 @@ class SQLiteLedger(Ledger):
         except _WouldWait:
             return False
         if refusal is not None:
-            if self._settler.queued:
+            if self._queued():
                 return False  # reserve() flushes and looks again, off the loop
             raise refusal
         return True
@@ -553,6 +554,12 @@ class SQLiteLedger(Ledger):
             with self._lock:
                 self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._settler.submit(settlement)
+
+    def _queued(self) -> int:
+        """Settlements queued in this process for this file, through any ``Ledger`` on it."""
+        return sum(
+            ledger._settler.queued for ledger in list(_OPEN_LEDGERS) if ledger._file == self._file
+        )
 
     def flush(self) -> None:
         """Write the settlements this process queued for this file, through any of its
