@@ -248,7 +248,7 @@ def run(*, tiny: bool = False) -> dict[str, Any]:
             table(
                 ["start-up (fresh process, median)", "time"],
                 [
-                    ["import kimi_budget (the package; imports openai)", fmt_t(load["package"])],
+                    ["import kimi_budget (the package, its names lazily)", fmt_t(load["package"])],
                     ["then import kimi_budget._tokens", fmt_t(load["import"])],
                     [
                         "load the Kimi K2 vocabulary (load_tokenizer, first use)",
