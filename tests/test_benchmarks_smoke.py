@@ -4,6 +4,9 @@ These are not timed tests: the tiny sizes say nothing about the targets. They ch
 benchmark runs, prints its table, and that the checks built into the benchmarks (one ledger row
 per guarded call, no reservation left pending, window totals equal to a scan of the rows)
 passed, since a failing check makes the script exit non-zero.
+
+They take about a minute of CPU, a quarter of the suite: they are kept out of the default
+command and run as a CI step of their own, ``python -m pytest -q -m benchmarks``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import openai
 import pytest
+
+pytestmark = pytest.mark.benchmarks
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
