@@ -672,11 +672,10 @@ def test_latency_range_is_respected() -> None:
     with MoonshotStandIn(latency=(0.03, 0.06), seed=7) as s:
         c = openai.OpenAI(base_url=s.base_url, api_key="k", max_retries=0)
         for _ in range(5):
-            started = time.perf_counter()
             c.chat.completions.create(model=MODEL, messages=HI)
-            assert time.perf_counter() - started >= 0.03
         durations = [r.duration for r in s.requests]
-        # A delay can be checked from below only: a loaded machine may add to it at will.
+        # The stand-in's own record of each delay, checked from below only: a loaded machine
+        # may add to it at will (the client's view of the time belongs to benchmarks/).
         assert all(d >= 0.03 for d in durations)
         assert len(set(durations)) > 1
 
