@@ -410,23 +410,7 @@ class PostgresLedger(Ledger):
 
     def _settle(self, conn: Any, s: Settlement) -> bool:
         res = s.reservation
-        values = (
-            s.status,
-            s.finished_at,
-            s.prompt_tokens,
-            s.cached_tokens,
-            s.completion_tokens,
-            s.cost_nanos,
-            bool(s.estimated),
-            s.attempts,
-            s.request_id,
-            s.latency_ms,
-            s.error,
-            s.note,
-            s.fee_nanos,
-            s.cache_write_tokens,
-            s.usage_json,
-        )
+        values = _settled_values(s)
         tags = dict(res.tags)
         updated = conn.execute(
             f"UPDATE calls SET {_SETTLE_SET} WHERE call_id = %s AND status = 'pending' "
@@ -516,24 +500,7 @@ class PostgresLedger(Ledger):
             s = expired_settlement(res, attempts, now)
             conn.execute(
                 f"UPDATE calls SET {_SETTLE_SET} WHERE call_id = %s",
-                (
-                    s.status,
-                    s.finished_at,
-                    s.prompt_tokens,
-                    s.cached_tokens,
-                    s.completion_tokens,
-                    s.cost_nanos,
-                    bool(s.estimated),
-                    s.attempts,
-                    s.request_id,
-                    s.latency_ms,
-                    s.error,
-                    s.note,
-                    s.fee_nanos,
-                    s.cache_write_tokens,
-                    s.usage_json,
-                    res.call_id,
-                ),
+                (*_settled_values(s), res.call_id),
             )
             deltas += _windows.total_rows(
                 scopes,
@@ -1166,3 +1133,24 @@ def _fallback_path(location: str) -> Path:
     digest = hashlib.sha256(location.encode("utf-8")).hexdigest()[:16]
     directory = Path(platformdirs.user_data_dir("kimi-budget", appauthor=False))
     return directory / f"postgres-{digest}.fallback.jsonl"
+
+
+def _settled_values(s: Settlement) -> tuple[Any, ...]:
+    """A settlement's values in the order of ``_SETTLE_SET``."""
+    return (
+        s.status,
+        s.finished_at,
+        s.prompt_tokens,
+        s.cached_tokens,
+        s.completion_tokens,
+        s.cost_nanos,
+        bool(s.estimated),
+        s.attempts,
+        s.request_id,
+        s.latency_ms,
+        s.error,
+        s.note,
+        s.fee_nanos,
+        s.cache_write_tokens,
+        s.usage_json,
+    )
