@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -110,6 +111,11 @@ class Prepared:
             return room
         return min(default, room)
 
+    def use_exact_count(self, tokens: int) -> None:
+        """Moonshot's exact prompt count replaces the estimate, and the projection made from it."""
+        self.estimate = TokenEstimate(tokens, True, "endpoint")
+        self.__dict__.pop("projected_nanos", None)
+
     @property
     def output_from_default(self) -> bool:
         """The request set no output limit: its projection assumed the model's default."""
@@ -120,7 +126,7 @@ class Prepared:
             and self.price.default_max_tokens is not None
         )
 
-    @property
+    @cached_property  # read by the cap checks, the reservation and the settlement
     def projected_nanos(self) -> int:
         """Worst case: every prompt token a miss (written to the cache at the requested TTL's
         price), every choice at its full output, a ``$web_search`` fee per choice if the
@@ -253,7 +259,7 @@ def recount_exactly(
     except (openai.APIError, ExactCountUnavailable) as exc:
         log_count_failure(exc)
         return False
-    prepared.estimate = TokenEstimate(exact, True, "endpoint")
+    prepared.use_exact_count(exact)
     return True
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from .._budget import format_utc, window_bounds
+from ..ledger._backend import OTHER_CURRENCIES_SQL
 from ..ledger._windows import as_utc_text as _as_utc_text
 from ._tables import parse_stored, per_million, usd
 
@@ -619,8 +620,15 @@ def currencies(ledger: Ledger) -> list[str]:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
     if "currency" not in columns:
         return ["USD"]
-    found = {r[0] for r in conn.execute(f"SELECT DISTINCT currency FROM calls WHERE {_SETTLED}")}
-    return sorted(found or {"USD"}, key=lambda c: (c != "USD", c))
+    others = [r[0] for r in conn.execute(OTHER_CURRENCIES_SQL)]
+    if not others:
+        return ["USD"]  # no scan at all: the usual ledger
+    # Every row is either USD or in the partial index: two counts, neither reads the table.
+    (has_usd,) = conn.execute(
+        "SELECT (SELECT count(*) FROM calls) > "
+        "(SELECT count(*) FROM calls WHERE currency <> 'USD')"
+    ).fetchone()
+    return (["USD"] if has_usd else []) + sorted(others)
 
 
 def tag_keys(ledger: Ledger) -> list[str]:

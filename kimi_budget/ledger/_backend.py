@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPIRED_NOTE",
+    "OTHER_CURRENCIES_SQL",
     "Clock",
     "Ledger",
     "budget_currency",
@@ -75,6 +76,22 @@ def ledger_error(message: str, *, path: str | None = None) -> LedgerError:
     from .._exceptions import LedgerError
 
     return LedgerError(message, path=path)
+
+
+# The currencies other than USD that settled calls were billed in, as a loose index scan: each
+# step reads the next code above the last from the partial index calls_other_currencies
+# (migrations m007 for SQLite, m003 for PostgreSQL), so a ledger of millions of USD rows and a
+# few CNY ones answers in a few index reads. The same SQL runs on both backends.
+OTHER_CURRENCIES_SQL = """
+WITH RECURSIVE found(code) AS (
+    SELECT min(currency) FROM calls WHERE currency <> 'USD' AND status <> 'pending'
+    UNION ALL
+    SELECT (SELECT min(currency) FROM calls
+            WHERE currency <> 'USD' AND status <> 'pending' AND currency > found.code)
+    FROM found WHERE found.code IS NOT NULL
+)
+SELECT code FROM found WHERE code IS NOT NULL
+"""
 
 
 EXPIRED_NOTE = (

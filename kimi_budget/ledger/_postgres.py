@@ -66,7 +66,14 @@ from .._exceptions import BudgetExceededError, LedgerError
 from .._money import to_usd
 from .._redact import redact_url
 from . import _windows
-from ._backend import Clock, Ledger, budget_currency, expired_settlement, utcnow
+from ._backend import (
+    OTHER_CURRENCIES_SQL,
+    Clock,
+    Ledger,
+    budget_currency,
+    expired_settlement,
+    utcnow,
+)
 from ._fallback import FallbackFile
 from ._pgconn import PgConnection, Retry
 from ._records import Reservation, Settlement, WindowStatus
@@ -765,13 +772,19 @@ class PostgresLedger(Ledger):
 
     def currencies(self) -> list[str]:
         """The currencies settled calls were billed in, USD first (``kimi-budget report``)."""
-        rows = self._read(
-            "read",
-            lambda conn: conn.execute(
-                "SELECT DISTINCT currency FROM calls WHERE status <> 'pending'"
-            ).fetchall(),
-        )
-        return sorted({r[0] for r in rows} or {"USD"}, key=lambda c: (c != "USD", c))
+        def read(conn: Any) -> list[str]:
+            others = [r[0] for r in conn.execute(OTHER_CURRENCIES_SQL).fetchall()]
+            if not others:
+                return ["USD"]  # no scan at all: the usual ledger
+            # Stops at the first USD row: a full scan only in a ledger without one.
+            has_usd = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM calls WHERE currency = 'USD' "
+                "AND status <> 'pending')"
+            ).fetchone()[0]
+            return (["USD"] if has_usd else []) + sorted(others)
+
+        found: list[str] = self._read("read", read)
+        return found
 
     def tag_keys(self) -> list[str]:
         """Every tag key settled calls carry (``kimi-budget report --html``)."""

@@ -213,6 +213,15 @@ MIGRATIONS.append(
     )
 )
 
+# The calls billed in a currency other than USD: which currencies a ledger holds is then a
+# few index reads (see ``PostgresLedger.currencies``), not a scan of every row.
+MIGRATIONS.append(
+    (
+        "m003_other_currencies_index",
+        ["CREATE INDEX calls_other_currencies ON calls (currency) WHERE currency <> 'USD'"],
+    )
+)
+
 _CREATE_LOG = (
     "CREATE TABLE IF NOT EXISTS kimi_budget_migrations "
     "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"

@@ -349,6 +349,14 @@ def m006_reservations(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m007_other_currencies_index(conn: sqlite3.Connection) -> None:
+    """The calls billed in a currency other than USD (the CNY platform's), so that a report
+    finds which currencies a ledger holds in a few index reads instead of reading every row.
+    USD rows, nearly all of most ledgers, are left out: they cost this index nothing."""
+    conn.execute("CREATE INDEX calls_other_currencies ON calls (currency) WHERE currency <> 'USD'")
+
+
 def _execute_script(conn: sqlite3.Connection, script: str) -> None:
     # executescript() would COMMIT the migration transaction half-way; run statement by statement.
     for statement in script.split(";\n"):
