@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+# The suite starts many Python processes (xdist workers, CLI and crash-test subprocesses) that
+# import the same modules. Where PYTHONDONTWRITEBYTECODE is set (some containers set it), each
+# one compiled them all again, and pytest rewrote every test module's asserts in every worker:
+# a tenth of the suite's CPU. For this run, bytecode caches go to the checkout's __pycache__
+# folders (ignored by git), as they would by default.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 import openai._base_client as openai_base
 import pytest
