@@ -16,7 +16,9 @@ tee is both a sync and an async stream, as ``httpx.ByteStream`` is.
 
 from __future__ import annotations
 
+import gc
 import sys
+import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -64,6 +66,22 @@ def _feed(sniffer: Sniffer, data: bytes) -> None:
 
 def _finalizer(call: Call, sniffer: Sniffer) -> None:
     call.stream_ended(sniffer, "collected")
+
+
+# The thread running a garbage collection now, if one is (CPython runs one at a time).
+_collecting_thread: int | None = None
+
+
+def _note_collection(phase: str, info: dict[str, int]) -> None:
+    global _collecting_thread
+    _collecting_thread = threading.get_ident() if phase == "start" else None
+
+
+gc.callbacks.append(_note_collection)
+
+
+def _closed_by_the_collector() -> bool:
+    return _collecting_thread == threading.get_ident()
 
 
 def _tee_class(response: Any) -> type:
@@ -117,6 +135,18 @@ def _make_tee(sync_base: type, async_base: type) -> type:
             self._end("complete")
 
         def close(self) -> None:
+            if _closed_by_the_collector():
+                # An abandoned SDK stream is a reference cycle, freed by the garbage collector
+                # at whatever allocation triggers it: possibly inside httpx's connection pool,
+                # under the pool lock that closing the body takes again (a deadlock of the
+                # thread with itself). The body is closed from a thread of its own, which takes
+                # that lock once the collection is over and the pool has released it.
+                closer = threading.Thread(
+                    target=self._inner.close, name="kimi-budget body close", daemon=True
+                )
+                closer.start()
+                self._end("closed")
+                return
             try:
                 self._inner.close()
             finally:
