@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import openai
+import sniffio
 
 from ._budget import Budget
 from ._exceptions import ContextLengthExceededError, InvalidRequestError, LedgerError
@@ -138,6 +139,15 @@ class Prepared:
             cache_ttl=requested_cache_ttl(self.body),
             web_search=declares_web_search(self.body),
         )
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread is running an async event loop (asyncio, or trio through sniffio)."""
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
 
 
 def is_chat_completion(options: Any) -> bool:
@@ -368,9 +378,7 @@ class Call:
             expires = self.settings.now() + timedelta(
                 seconds=self.timeout + self.settings.reservation_margin
             )
-            # If this fails the reservation still holds until its first expiry.
-            with contextlib.suppress(LedgerError):
-                self.settings.ledger.extend(self.reservation.call_id, expires)
+            self._renew_lease(expires)
 
     def on_response(self, response: Any, streamed: bool) -> None:
         """Note one HTTP attempt's response, and watch its body for the bill.
@@ -426,10 +434,25 @@ class Call:
             return
         lease = self.timeout + self.settings.reservation_margin
         self._renew_at = time.monotonic() + lease / 2
-        with contextlib.suppress(LedgerError):
-            self.settings.ledger.extend(
-                self.reservation.call_id, self.settings.now() + timedelta(seconds=lease)
-            )
+        self._renew_lease(self.settings.now() + timedelta(seconds=lease))
+
+    def _renew_lease(self, expires: datetime) -> None:
+        """Move the reservation's expiry to ``expires``.
+
+        On an event loop the write happens in a short-lived thread: a ledger another process
+        is writing (or a server ledger's round trip) must not stall every task of the loop,
+        and a renewal has half a lease to land. If it fails, the reservation still holds
+        until its current expiry, then is charged its worst case (the rule on unknown bills).
+        """
+
+        def renew() -> None:
+            with contextlib.suppress(LedgerError):
+                self.settings.ledger.extend(self.reservation.call_id, expires)
+
+        if _on_event_loop():
+            threading.Thread(target=renew, name="kimi-budget lease", daemon=True).start()
+        else:
+            renew()
 
     # -- endings -----------------------------------------------------------------------
 

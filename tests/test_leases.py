@@ -8,9 +8,11 @@ reservation, and the call's real bill replaces that charge when it finally arriv
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -173,3 +175,84 @@ def test_two_processes_one_pausing_past_its_lease(
     assert row["completion_tokens"] == billed["completion_tokens"]
     assert other.spend() * 10**9 == row["cost_nanos"] <= projected
     other.close()
+
+
+def _watch_renewals(ledger: kb.Ledger, hold: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Record each lease renewal (``Ledger.extend``): its thread, and whether ``hold`` (when
+    given) was set while the renewal waited for it."""
+    renewals: list[dict[str, Any]] = []
+    extend = ledger.extend
+
+    def watched(call_id: str, expires_at: datetime) -> None:
+        seen: dict[str, Any] = {"thread": threading.get_ident()}
+        renewals.append(seen)
+        if hold is not None:
+            seen["started"] = True
+            seen["released"] = hold.wait(5)  # set by a task on the event loop
+            hold.set()  # a blocked loop fails the test once, not at every renewal
+        extend(call_id, expires_at)
+
+    ledger.extend = watched  # type: ignore[method-assign]
+    return renewals
+
+
+def test_a_flowing_stream_renews_its_lease(ledger_path: Path) -> None:
+    # A one-second lease (read timeout 1 s, no margin) is renewed every half second; twenty
+    # chunks 50 ms apart take at least a second to arrive.
+    with MoonshotStandIn(api_key=KEY, stream_chunks=20, chunk_delay=0.05) as server:
+        client = kb.OpenAI(
+            api_key=KEY,
+            base_url=server.base_url,
+            ledger=ledger_path,
+            timeout=1.0,
+            reservation_margin=0,
+        )
+        renewals = _watch_renewals(client.ledger)
+        stream = client.chat.completions.create(
+            model="kimi-k2.5", messages=MESSAGES, max_tokens=50, stream=True
+        )
+        [first] = client.ledger.pending()
+        for _chunk in stream:
+            if renewals:
+                [renewed] = client.ledger.pending()
+                assert parse_utc(renewed["expires_at"]) > parse_utc(first["expires_at"])
+                break
+        stream.close()
+    assert renewals and all(r["thread"] == threading.get_ident() for r in renewals)
+
+
+def test_an_async_stream_renews_its_lease_off_the_event_loop(ledger_path: Path) -> None:
+    hold = threading.Event()
+
+    async def main() -> tuple[list[dict[str, Any]], int]:
+        with MoonshotStandIn(api_key=KEY, stream_chunks=20, chunk_delay=0.05) as server:
+            client = kb.AsyncOpenAI(
+                api_key=KEY,
+                base_url=server.base_url,
+                ledger=ledger_path,
+                timeout=1.0,
+                reservation_margin=0,
+            )
+            renewals = _watch_renewals(client.ledger, hold)
+
+            async def ticker() -> None:
+                # Runs only if the loop is free while a renewal waits.
+                while not any(r.get("started") for r in renewals):
+                    await asyncio.sleep(0.01)
+                hold.set()
+
+            tick = asyncio.ensure_future(ticker())
+            stream = await client.chat.completions.create(
+                model="kimi-k2.5", messages=MESSAGES, max_tokens=50, stream=True
+            )
+            async for _chunk in stream:
+                pass
+            await tick
+            await client.close()
+            return renewals, threading.get_ident()
+
+    renewals, loop_thread = asyncio.run(main())
+    assert renewals
+    assert all(r["thread"] != loop_thread for r in renewals)
+    # The loop kept running while the first renewal waited on it.
+    assert renewals[0]["released"] is True
