@@ -220,3 +220,31 @@ def test_an_unlocked_ledger_is_reserved_on_the_loop_without_a_thread(ledger_path
     holder.execute("ROLLBACK")
     holder.close()
     assert [row["call_id"] for row in ledger.pending()] == ["now"]
+
+
+def test_a_settlement_written_just_after_a_refusal_lets_the_call_through(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A call projected at 150_000 nanos and billed 10_000: while its settlement is queued, its
+    # reservation holds the 150_000, and a 100_000 call does not fit a 200_000 cap. The writer
+    # commits the settlement right after the check refused (no longer queued then): the
+    # refusal is stale, and the check must be made again, which lets the call through.
+    ledger = kb.Ledger(ledger_path, clock=lambda: NOW)
+    budget = kb.Budget(daily="0.0002")
+    first = reservation("first", projected=150_000)
+    ledger.reserve(first, [budget])
+    ledger.settle_later(ok(first, cost=10_000))
+    real = SQLiteLedger._reserve
+    checks: list[bool] = []
+
+    def writer_commits_just_after(self: SQLiteLedger, *args: Any, **kwargs: Any) -> Any:
+        refusal = real(self, *args, **kwargs)
+        checks.append(refusal is not None)
+        self._settler.flush()  # as if the writer thread had won the race
+        return refusal
+
+    monkeypatch.setattr(SQLiteLedger, "_reserve", writer_commits_just_after)
+    ledger.reserve(reservation("second", projected=100_000), [budget])
+    assert checks == [True, False]
+    [daily] = ledger.status(budget)
+    assert (daily.spent_usd, daily.reserved_usd) == (Decimal("0.00001"), Decimal("0.0001"))

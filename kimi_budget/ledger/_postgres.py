@@ -322,7 +322,14 @@ class PostgresLedger(Ledger):
                 path=self.location,
             )
 
+        writer = self._writer
+        # Settlements an event loop handed to the writer thread hold their full reservations
+        # until written: a refusal while some were queued is looked at again once they are.
+        queued = writer is not None and writer.pending()
         _, refusal, stale = self._run("reserve budget in", body, transaction=False)
+        if refusal is not None and (queued or (writer is not None and writer.pending())):
+            self.flush()
+            _, refusal, stale = self._run("reserve budget in", body, transaction=False)
         if stale:
             # Reservations of dead processes: charged in full now (room is not freed by it,
             # so this never changes what a check decides; it only settles their rows).
@@ -985,6 +992,10 @@ class _BackgroundWriter:
 
     def put(self, item: tuple[str, Any, Any]) -> None:
         self._queue.put(item)
+
+    def pending(self) -> bool:
+        """Whether items handed over are not yet written (queued, or being written)."""
+        return self.alive() and self._queue.unfinished_tasks > 0
 
     def flush(self) -> None:
         if self.alive():

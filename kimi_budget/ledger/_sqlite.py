@@ -419,8 +419,11 @@ class SQLiteLedger(Ledger):
         """
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
+        # Counted before the check: a settlement the writer commits just after it (so no
+        # longer queued when the check refuses) still made the refusal stale.
+        queued = self._queued()
         refusal = self._reserve(reservation, applicable)
-        if refusal is not None and self._queued():
+        if refusal is not None and (queued or self._queued()):
             # Settlements of this process still queued (through any Ledger object on this
             # file) hold their full reservations: write them, then look again (a queue may
             # only ever make a check stricter).
@@ -439,12 +442,13 @@ class SQLiteLedger(Ledger):
         """
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
+        queued = self._queued()  # before the check, as in reserve()
         try:
             refusal = self._reserve(reservation, applicable, wait=False)
         except _WouldWait:
             return False
         if refusal is not None:
-            if self._queued():
+            if queued or self._queued():
                 return False  # reserve() flushes and looks again, off the loop
             raise refusal
         return True
