@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
+import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -229,6 +230,16 @@ def test_a_settlement_written_just_after_a_refusal_lets_the_call_through(
     # reservation holds the 150_000, and a 100_000 call does not fit a 200_000 cap. The writer
     # commits the settlement right after the check refused (no longer queued then): the
     # refusal is stale, and the check must be made again, which lets the call through.
+    # The writer takes the settlement but waits to write it until the check has refused
+    # (patched before the ledger exists: its writer keeps the method it was given).
+    gate = threading.Event()
+    apply_batch = SQLiteLedger._apply_batch
+
+    def gated(self: SQLiteLedger, batch: Any) -> None:
+        gate.wait(30)
+        apply_batch(self, batch)
+
+    monkeypatch.setattr(SQLiteLedger, "_apply_batch", gated)
     ledger = kb.Ledger(ledger_path, clock=lambda: NOW)
     budget = kb.Budget(daily="0.0002")
     first = reservation("first", projected=150_000)
@@ -240,7 +251,8 @@ def test_a_settlement_written_just_after_a_refusal_lets_the_call_through(
     def writer_commits_just_after(self: SQLiteLedger, *args: Any, **kwargs: Any) -> Any:
         refusal = real(self, *args, **kwargs)
         checks.append(refusal is not None)
-        self._settler.flush()  # as if the writer thread had won the race
+        gate.set()
+        self._settler.flush()  # the writer commits now, after the check
         return refusal
 
     monkeypatch.setattr(SQLiteLedger, "_reserve", writer_commits_just_after)

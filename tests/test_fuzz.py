@@ -210,7 +210,11 @@ def stream_responses(draw: st.DrawFn) -> tuple[list[bytes], Any]:
                 )
             )
         elif kind == "garbage":
-            events.append(b"data: " + draw(garbage_bytes).replace(b"\n", b" ") + b"\n\n")
+            # Garbage, not an end: "[DONE]" (which hypothesis finds among the constants of the
+            # code under test) would end the stream before its usage, a case of its own
+            # (test_unknown_bills: a stream ended without usage is charged in full).
+            junk = draw(garbage_bytes.filter(lambda g: b"[DONE]" not in g))
+            events.append(b"data: " + junk.replace(b"\n", b" ") + b"\n\n")
         elif kind == "comment":
             events.append(b": keep-alive\n\n")
         elif kind == "blank":
