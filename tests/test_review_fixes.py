@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
-import threading
+import subprocess
+import sys
 import time
 import warnings
 from datetime import datetime, timedelta, timezone
@@ -130,33 +130,51 @@ def test_gc_collected_streams_settle_without_fallback(ledger_path: Path) -> None
     assert len(client.ledger.calls(100)) == 20
 
 
+_FORK_SCRIPT = """
+import os, signal, sys, threading, warnings
+import kimi_budget as kb
+
+ledger = kb.Ledger(sys.argv[1])
+held, release = threading.Event(), threading.Event()
+
+def busy():
+    with ledger._lock:  # a settle running in another thread at fork time
+        held.set()
+        release.wait(10)
+
+worker = threading.Thread(target=busy)
+worker.start()
+held.wait(5)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+    pid = os.fork()
+if pid == 0:  # the child
+    signal.alarm(20)  # a deadlock ends here, as a signal the parent reports
+    try:
+        ledger.spend()
+        os._exit(0)
+    finally:
+        os._exit(1)
+release.set()
+worker.join()
+_, status = os.waitpid(pid, 0)
+print(status)
+"""
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_forked_child_does_not_deadlock(ledger_path: Path) -> None:
-    ledger = kb.Ledger(ledger_path)
-    held, release = threading.Event(), threading.Event()
-
-    def busy() -> None:
-        with ledger._lock:  # a settle running in another thread at fork time
-            held.set()
-            release.wait(10)
-
-    worker = threading.Thread(target=busy)
-    worker.start()
-    held.wait(5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        signal.alarm(5)
-        try:
-            ledger.spend()
-            os._exit(0)
-        finally:
-            os._exit(1)
-    release.set()
-    worker.join()
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    # In a process of its own: the threads other tests leave in this worker (writers inside
+    # SQLite's global mutexes, servers) would make the fork test SQLite's internals, not ours.
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT, str(ledger_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    status = int(done.stdout.strip())
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (status, done.stderr)
 
 
 def test_whole_dollars_are_plain_text() -> None:
