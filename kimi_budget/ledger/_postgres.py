@@ -322,12 +322,11 @@ class PostgresLedger(Ledger):
                 path=self.location,
             )
 
-        writer = self._writer
-        # Settlements an event loop handed to the writer thread hold their full reservations
-        # until written: a refusal while some were queued is looked at again once they are.
-        queued = writer is not None and writer.pending()
         _, refusal, stale = self._run("reserve budget in", body, transaction=False)
-        if refusal is not None and (queued or (writer is not None and writer.pending())):
+        if refusal is not None and self._writer is not None:
+            # Settlements an event loop handed to the writer thread hold their full
+            # reservations until written (some may be written just after the check): write
+            # them, then look again. Only a refusal pays for this.
             self.flush()
             _, refusal, stale = self._run("reserve budget in", body, transaction=False)
         if stale:
@@ -992,10 +991,6 @@ class _BackgroundWriter:
 
     def put(self, item: tuple[str, Any, Any]) -> None:
         self._queue.put(item)
-
-    def pending(self) -> bool:
-        """Whether items handed over are not yet written (queued, or being written)."""
-        return self.alive() and self._queue.unfinished_tasks > 0
 
     def flush(self) -> None:
         if self.alive():

@@ -419,14 +419,12 @@ class SQLiteLedger(Ledger):
         """
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
-        # Counted before the check: a settlement the writer commits just after it (so no
-        # longer queued when the check refuses) still made the refusal stale.
-        queued = self._queued()
         refusal = self._reserve(reservation, applicable)
-        if refusal is not None and (queued or self._queued()):
-            # Settlements of this process still queued (through any Ledger object on this
-            # file) hold their full reservations: write them, then look again (a queue may
-            # only ever make a check stricter).
+        if refusal is not None and self._settles_here():
+            # Settlements this process queued (through any Ledger object on this file) hold
+            # their full reservations until written, and the writer may have written some
+            # just after the check: write them all, then look again (a queue may only ever
+            # make a check stricter). Only a refusal pays for this, never the call path.
             self.flush()
             refusal = self._reserve(reservation, applicable)
         if refusal is not None:
@@ -442,13 +440,12 @@ class SQLiteLedger(Ledger):
         """
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
-        queued = self._queued()  # before the check, as in reserve()
         try:
             refusal = self._reserve(reservation, applicable, wait=False)
         except _WouldWait:
             return False
         if refusal is not None:
-            if queued or self._queued():
+            if self._settles_here():
                 return False  # reserve() flushes and looks again, off the loop
             raise refusal
         return True
@@ -559,10 +556,12 @@ class SQLiteLedger(Ledger):
                 self.conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._settler.submit(settlement)
 
-    def _queued(self) -> int:
-        """Settlements queued in this process for this file, through any ``Ledger`` on it."""
-        return sum(
-            ledger._settler.queued for ledger in list(_OPEN_LEDGERS) if ledger._file == self._file
+    def _settles_here(self) -> bool:
+        """Whether this process ever queued a settlement for this file (any ``Ledger`` on it)."""
+        return any(
+            ledger._settler.submitted
+            for ledger in list(_OPEN_LEDGERS)
+            if ledger._file == self._file
         )
 
     def flush(self) -> None:

@@ -79,6 +79,11 @@ class SettleWriter:
             self._run([settlement])
 
     @property
+    def submitted(self) -> int:
+        """Settlements ever queued (an int read: no lock needed)."""
+        return self._submitted
+
+    @property
     def queued(self) -> int:
         """Settlements submitted and not yet written."""
         with self._cond:
