@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import openai
-import sniffio
 
 from ._budget import Budget
 from ._exceptions import ContextLengthExceededError, InvalidRequestError, LedgerError
@@ -41,6 +40,7 @@ from ._usage import (
     usage_from_body,
 )
 from .ledger import Ledger, Reservation, Settlement, new_call_id
+from .ledger._backend import on_event_loop
 from .pricing import ModelPrice, PriceTable, declares_web_search, requested_cache_ttl
 from .pricing._bill import Extras, charge
 
@@ -139,15 +139,6 @@ class Prepared:
             cache_ttl=requested_cache_ttl(self.body),
             web_search=declares_web_search(self.body),
         )
-
-
-def _on_event_loop() -> bool:
-    """Whether this thread is running an async event loop (asyncio, or trio through sniffio)."""
-    try:
-        sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return False
-    return True
 
 
 def is_chat_completion(options: Any) -> bool:
@@ -449,7 +440,7 @@ class Call:
             with contextlib.suppress(LedgerError):
                 self.settings.ledger.extend(self.reservation.call_id, expires)
 
-        if _on_event_loop():
+        if on_event_loop():
             threading.Thread(target=renew, name="kimi-budget lease", daemon=True).start()
         else:
             renew()

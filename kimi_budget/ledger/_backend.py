@@ -46,6 +46,7 @@ __all__ = [
     "default_ledger_path",
     "expired_settlement",
     "ledger_error",
+    "on_event_loop",
 ]
 
 UTC = timezone.utc
@@ -76,6 +77,18 @@ def ledger_error(message: str, *, path: str | None = None) -> LedgerError:
     from .._exceptions import LedgerError
 
     return LedgerError(message, path=path)
+
+
+def on_event_loop() -> bool:
+    """Whether this thread runs an async event loop (asyncio, or trio: sniffio tells), where
+    ledger work that may wait (a lock, a round trip) must be moved off the thread."""
+    import sniffio
+
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
 
 
 # The currencies other than USD that settled calls were billed in, as a loose index scan: each

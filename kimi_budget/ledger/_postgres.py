@@ -72,6 +72,7 @@ from ._backend import (
     Ledger,
     budget_currency,
     expired_settlement,
+    on_event_loop,
     utcnow,
 )
 from ._fallback import FallbackFile
@@ -339,7 +340,7 @@ class PostgresLedger(Ledger):
 
     def extend(self, call_id: str, expires_at: datetime) -> None:
         """Push a live reservation's expiry out (a call still retrying or streaming)."""
-        if self._on_event_loop():
+        if on_event_loop():
             self._background().put(("extend", call_id, expires_at))
             return
         self._extend_now(call_id, expires_at)
@@ -358,7 +359,7 @@ class PostgresLedger(Ledger):
 
         On an event loop's thread the write is handed to the writer thread (returns True).
         """
-        if self._on_event_loop():
+        if on_event_loop():
             self._background().put(("settle", settlement, None))
             return True
         return self._run(
@@ -943,16 +944,6 @@ class PostgresLedger(Ledger):
         )
 
     # -- life ------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _on_event_loop() -> bool:
-        import asyncio
-
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
 
     def _background(self) -> _BackgroundWriter:
         with self._conn.lock:
