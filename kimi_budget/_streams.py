@@ -135,20 +135,18 @@ def _make_tee(sync_base: type, async_base: type) -> type:
             self._end("complete")
 
         def close(self) -> None:
-            if _closed_by_the_collector():
-                # An abandoned SDK stream is a reference cycle, freed by the garbage collector
-                # at whatever allocation triggers it: possibly inside httpx's connection pool,
-                # under the pool lock that closing the body takes again (a deadlock of the
-                # thread with itself). The body is closed from a thread of its own, which takes
-                # that lock once the collection is over and the pool has released it.
-                closer = threading.Thread(
-                    target=self._inner.close, name="kimi-budget body close", daemon=True
-                )
-                closer.start()
-                self._end("closed")
-                return
             try:
-                self._inner.close()
+                if _closed_by_the_collector():
+                    # An abandoned SDK stream is a reference cycle, freed by the garbage
+                    # collector at whatever allocation triggers it: possibly inside httpx's
+                    # connection pool, under the pool lock that closing the body takes again
+                    # (a deadlock of the thread with itself). The body is closed from a thread
+                    # of its own, which takes that lock once the pool has released it.
+                    threading.Thread(
+                        target=self._inner.close, name="kimi-budget body close", daemon=True
+                    ).start()
+                else:
+                    self._inner.close()
             finally:
                 self._end("closed")
 
