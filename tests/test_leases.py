@@ -196,17 +196,23 @@ def _watch_renewals(ledger: kb.Ledger, hold: threading.Event | None = None) -> l
     return renewals
 
 
+def _one_second_lease(cls: Any, server: MoonshotStandIn, ledger_path: Path) -> Any:
+    """A client whose leases last one second (read timeout 1 s, no margin): renewed every
+    half second while a stream flows."""
+    return cls(
+        api_key=KEY,
+        base_url=server.base_url,
+        ledger=ledger_path,
+        timeout=1.0,
+        reservation_margin=0,
+    )
+
+
 def test_a_flowing_stream_renews_its_lease(ledger_path: Path) -> None:
     # A one-second lease (read timeout 1 s, no margin) is renewed every half second; twenty
     # chunks 50 ms apart take at least a second to arrive.
     with MoonshotStandIn(api_key=KEY, stream_chunks=20, chunk_delay=0.05) as server:
-        client = kb.OpenAI(
-            api_key=KEY,
-            base_url=server.base_url,
-            ledger=ledger_path,
-            timeout=1.0,
-            reservation_margin=0,
-        )
+        client = _one_second_lease(kb.OpenAI, server, ledger_path)
         renewals = _watch_renewals(client.ledger)
         stream = client.chat.completions.create(
             model="kimi-k2.5", messages=MESSAGES, max_tokens=50, stream=True
@@ -226,13 +232,7 @@ def test_an_async_stream_renews_its_lease_off_the_event_loop(ledger_path: Path) 
 
     async def main() -> tuple[list[dict[str, Any]], int]:
         with MoonshotStandIn(api_key=KEY, stream_chunks=20, chunk_delay=0.05) as server:
-            client = kb.AsyncOpenAI(
-                api_key=KEY,
-                base_url=server.base_url,
-                ledger=ledger_path,
-                timeout=1.0,
-                reservation_margin=0,
-            )
+            client = _one_second_lease(kb.AsyncOpenAI, server, ledger_path)
             renewals = _watch_renewals(client.ledger, hold)
 
             async def ticker() -> None:
