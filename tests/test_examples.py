@@ -22,9 +22,9 @@ from kimi_budget.testing import MoonshotStandIn
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHECKED = ("quickstart", "streaming", "async_many", "per_tag_budgets", "batch_job")
 CANARY_KEY = "sk-examples-canary-0123456789abcdef"
-# The examples run once, together, for the whole module: keep its tests on one xdist worker.
-# Five examples start at once: a hang guard of minutes, not a timing (a loaded machine is slow).
-pytestmark = [pytest.mark.xdist_group("examples"), pytest.mark.timeout(600)]
+# Each test runs its example as a subprocess: a hang guard of minutes, not a timing (a loaded
+# machine is slow).
+pytestmark = pytest.mark.timeout(600)
 
 
 def _clean_env(home: Path) -> dict[str, str]:
@@ -41,41 +41,38 @@ def _clean_env(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
-    """All examples at once, as subprocesses, with a key, a base URL and a ledger exported."""
-    home = tmp_path_factory.mktemp("home")
-    work = tmp_path_factory.mktemp("work")
+def run_offline(name: str, tmp_path: Path) -> str:
+    """Run one example as a subprocess, with a key, a base URL and a ledger exported (none of
+    which it may use: the examples are offline unless asked with --live); its output."""
+    home, work = tmp_path / "home", tmp_path / "work-example"
+    work.mkdir()
     configured = work / "configured.db"
     env = _clean_env(home)
     env.update(
-        # None of these may be used: the examples are offline unless asked with --live.
         MOONSHOT_API_KEY=CANARY_KEY,
         MOONSHOT_BASE_URL="http://127.0.0.1:9/v1",
         OPENAI_BASE_URL="http://127.0.0.1:9/v1",
         KIMI_BUDGET_LEDGER=str(configured),
     )
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, str(EXAMPLES / f"{name}.py")],
-            cwd=work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in CHECKED
-    }
-    results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "offline: calls go to a local stand-in at http://127.0.0.1:" in result.stdout
+    assert CANARY_KEY not in result.stdout + result.stderr
     # Offline runs write only to temporary ledgers: the user's data directory stays empty, and
     # the ledger named in the environment is not created.
     assert not (home / ".local" / "share" / "kimi-budget").exists()
     assert not configured.exists()
     assert list(work.iterdir()) == []
-    return results
+    return result.stdout
 
 
 def test_every_example_is_checked() -> None:
@@ -83,17 +80,8 @@ def test_every_example_is_checked() -> None:
     assert found == set(CHECKED)
 
 
-@pytest.mark.parametrize("name", CHECKED)
-def test_example_runs_offline(name: str, runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    result = runs[name]
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    assert "offline: calls go to a local stand-in at http://127.0.0.1:" in result.stdout
-    assert CANARY_KEY not in result.stdout + result.stderr
-
-
-def test_quickstart(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    out = runs["quickstart"].stdout
+def test_quickstart(tmp_path: Path) -> None:
+    out = run_offline("quickstart", tmp_path)
     recorded = re.search(
         r"recorded: (\d+) in / (\d+) out = \$([\d.]+) \(\$([\d.]+) was reserved", out
     )
@@ -103,8 +91,8 @@ def test_quickstart(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
     assert f"daily cap $1: ${cost} spent" in out
 
 
-def test_streaming(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    out = runs["streaming"].stdout
+def test_streaming(tmp_path: Path) -> None:
+    out = run_offline("streaming", tmp_path)
     assert re.search(r"read to the end: status ok, \d+ in / \d+ out, \$[\d.]+\n", out), out
     abandoned = re.search(
         r"closed after 3 chunks: status abandoned, \d+ in / (\d+) out, "
@@ -115,8 +103,8 @@ def test_streaming(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
     assert Decimal(abandoned[2]) > 0  # an abandoned stream is still charged
 
 
-def test_async_many(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    out = runs["async_many"].stdout
+def test_async_many(tmp_path: Path) -> None:
+    out = run_offline("async_many", tmp_path)
     counts = re.search(r"answered (\d+), refused before sending (\d+), failed (\d+)", out)
     assert counts, out
     answered, refused, failed = map(int, counts.groups())
@@ -127,8 +115,8 @@ def test_async_many(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
     assert re.search(r"up to (\d+) at once", out)[1] != "1"  # type: ignore[index]
 
 
-def test_per_tag_budgets(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    out = runs["per_tag_budgets"].stdout
+def test_per_tag_budgets(tmp_path: Path) -> None:
+    out = run_offline("per_tag_budgets", tmp_path)
     rounds = [line for line in out.splitlines() if line.startswith("round ")]
     assert len(rounds) == 5
     assert "research: answered" in rounds[0] and "research: REFUSED" in rounds[-1]
@@ -138,8 +126,8 @@ def test_per_tag_budgets(runs: dict[str, subprocess.CompletedProcess[str]]) -> N
         assert line and Decimal(line[1]) <= Decimal(line[2])
 
 
-def test_batch_job(runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
-    out = runs["batch_job"].stdout
+def test_batch_job(tmp_path: Path) -> None:
+    out = run_offline("batch_job", tmp_path)
     done = re.search(r"summarised (\d+) of (\d+) documents", out)
     assert done, out
     assert 0 < int(done[1]) < int(done[2]) == 40
