@@ -60,6 +60,45 @@ def test_reads_of_the_same_process_see_queued_settlements(ledger_url: str) -> No
     assert {row["status"] for row in ledger.calls(50)} == {"ok"}
 
 
+def test_settlements_gather_into_one_batch_and_a_flush_does_not_wait_for_the_linger() -> None:
+    applied: list[list[str]] = []
+    # An hour's linger: only a flush can have the batch written before the test times out.
+    writer = SettleWriter(
+        lambda batch: applied.append([s.reservation.call_id for s in batch]),
+        lambda batch, exc: None,
+        linger=3600,
+    )
+    for i in range(5):
+        writer.submit(ok(reservation(f"c{i}")))
+    assert writer.queued == 5
+    assert writer.flush(timeout=60)
+    assert applied == [[f"c{i}" for i in range(5)]]
+    writer.close()
+
+
+def test_a_batch_moves_each_window_total_once_by_the_sum_of_its_settlements(
+    ledger_path: Path,
+) -> None:
+    ledger = kb.Ledger(ledger_path, clock=lambda: NOW)
+    assert isinstance(ledger, SQLiteLedger)
+    budget = kb.Budget(hourly="1", daily="1", total="1")
+    settlements = []
+    for i in range(30):
+        res = reservation(f"c{i}", projected=60_000 + i)
+        ledger.reserve(res, [budget])
+        settlements.append(ok(res, cost=1_000 * i))
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)
+    ledger._apply_batch(settlements)  # what the writer does with a queue of 30
+    ledger.conn.set_trace_callback(None)
+    assert sum("INTO window_totals" in sql for sql in statements) == 1
+    spent = sum(1_000 * i for i in range(30))
+    for window in ledger.status(budget):
+        assert (window.spent_usd, window.reserved_usd) == (Decimal(spent) / 10**9, 0)
+    with sqlite3.connect(ledger_path) as conn:
+        assert conn.execute("SELECT sum(cost_nanos) FROM calls").fetchone()[0] == spent
+
+
 def test_a_refusal_flushes_queued_settlements_and_looks_again(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -161,6 +162,8 @@ class SQLiteLedger(Ledger):
         self._commits = self._checkpointed_at = 0
         self._checkpoints_apart = False
         self._ckpt_conn: sqlite3.Connection | None = None
+        # While the writer applies a batch: the window totals its settlements move, summed.
+        self._totals_sink: dict[tuple[int, str, str], tuple[int, int]] | None = None
         self._settler = SettleWriter(self._apply_batch, self._rescue, self._upkeep, idle_every=0.5)
         self._conn = self._open()
         self._db: sqlite_utils.Database | None = None
@@ -573,8 +576,16 @@ class SQLiteLedger(Ledger):
 
     def _apply_batch(self, batch: Sequence[Settlement]) -> None:
         with self._write("record calls in") as conn:
-            for settlement in batch:
-                self._settle(conn, settlement)
+            self._totals_sink = {}
+            try:
+                for settlement in batch:
+                    self._settle(conn, settlement)
+                sums = self._totals_sink
+            finally:
+                self._totals_sink = None
+            _upsert_totals(
+                conn, [(*key, spent, reserved) for key, (spent, reserved) in sums.items()]
+            )
 
     def _rescue(self, batch: Sequence[Settlement], exc: BaseException) -> None:
         for settlement in batch:
@@ -788,14 +799,13 @@ class SQLiteLedger(Ledger):
         rows = _windows.total_rows(
             scopes, tags, instant, spent=spent, reserved=reserved, currency=currency
         )
-        if rows:
-            conn.executemany(
-                "INSERT INTO window_totals (scope_id, window, start, spent_nanos, "
-                "reserved_nanos) VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope_id, window, start) "
-                "DO UPDATE SET spent_nanos = spent_nanos + excluded.spent_nanos, "
-                "reserved_nanos = reserved_nanos + excluded.reserved_nanos",
-                rows,
-            )
+        if self._totals_sink is not None:  # a batch of settlements: summed, written once
+            for scope_id, window, start, spent_delta, reserved_delta in rows:
+                key = (scope_id, window, start)
+                had = self._totals_sink.get(key, (0, 0))
+                self._totals_sink[key] = (had[0] + spent_delta, had[1] + reserved_delta)
+            return
+        _upsert_totals(conn, rows)
 
     # -- fallback --------------------------------------------------------------------------
 
@@ -995,6 +1005,30 @@ class _WouldWait(Exception):
 def _writable(path: Path) -> bool:
     """Whether this user may write the ledger (the file, and its folder for the WAL files)."""
     return os.access(path, os.W_OK) and os.access(path.resolve().parent, os.W_OK | os.X_OK)
+
+
+# Rows per statement of _upsert_totals: 5 parameters each, within SQLite's oldest limit (999).
+_UPSERT_ROWS = 150
+
+
+@functools.cache
+def _upsert_sql(rows: int) -> str:
+    return (
+        "INSERT INTO window_totals (scope_id, window, start, spent_nanos, reserved_nanos) VALUES "
+        + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+        + " ON CONFLICT (scope_id, window, start) DO UPDATE SET "
+        "spent_nanos = spent_nanos + excluded.spent_nanos, "
+        "reserved_nanos = reserved_nanos + excluded.reserved_nanos"
+    )
+
+
+def _upsert_totals(conn: sqlite3.Connection, rows: Sequence[_windows.TotalRow]) -> None:
+    """Add each row's amounts to its window total: one statement for all of a call's windows
+    (a statement costs more than a row on the call path)."""
+    rows = [row for row in rows if row[3] or row[4]]
+    for at in range(0, len(rows), _UPSERT_ROWS):
+        chunk = rows[at : at + _UPSERT_ROWS]
+        conn.execute(_upsert_sql(len(chunk)), [value for row in chunk for value in row])
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

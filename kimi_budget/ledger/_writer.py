@@ -31,6 +31,12 @@ logger = logging.getLogger("kimi_budget")
 # Settlements per transaction: large enough to amortize a commit, small enough that a batch
 # holds the ledger's write lock for a few milliseconds at most.
 MAX_BATCH = 256
+# How long the writer lets settlements gather before it writes them (unless someone waits for
+# them: a flush writes at once). Writing each one as it comes made the writer take the ledger's
+# lock, and the interpreter's, just as the caller's next reservation wanted them; gathered, a
+# sync loop's settlements cost one transaction per a few dozen calls. A settlement waiting here
+# only keeps its full reservation a moment longer: checks are stricter, never looser.
+LINGER = 0.05
 
 
 class SettleWriter:
@@ -48,17 +54,20 @@ class SettleWriter:
         idle: Callable[[], None] | None = None,
         *,
         idle_every: float = 1.0,
+        linger: float = LINGER,
     ) -> None:
         self._apply = apply
         self._rescue = rescue
         self._idle = idle
         self._idle_every = idle_every
+        self._linger = linger
         # Re-entrant: a stream's finalizer run by the garbage collector inside ``submit`` (an
         # allocation there) submits too, on the same thread.
         self._cond = threading.Condition(threading.RLock())
         self._queue: list[Settlement] = []
         self._submitted = 0  # settlements ever queued
         self._done = 0  # of those, settlements applied or rescued
+        self._wanted = 0  # settlements someone waits for (a flush): written without lingering
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -73,7 +82,8 @@ class SettleWriter:
                 self._submitted += 1
                 if self._thread is None:
                     self._start()
-                self._cond.notify_all()
+                elif len(self._queue) == 1 or len(self._queue) >= MAX_BATCH:
+                    self._cond.notify_all()  # the first of a batch starts the linger
         if closed:
             # After close() (interpreter exit included): write it on the caller's thread.
             self._run([settlement])
@@ -101,6 +111,8 @@ class SettleWriter:
                 # No writer (it died, or fork() left this copy without one): write here.
                 batch, self._queue = self._queue, []
             else:
+                self._wanted = max(self._wanted, target)
+                self._cond.notify_all()
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while self._done < target:
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -125,7 +137,7 @@ class SettleWriter:
         """In a forked child: the parent's queue is the parent's to write; no thread here."""
         self._cond = threading.Condition(threading.RLock())
         self._queue = []
-        self._submitted = self._done = 0
+        self._submitted = self._done = self._wanted = 0
         self._thread = None
 
     # -- the writer thread -------------------------------------------------------------------
@@ -146,6 +158,8 @@ class SettleWriter:
                         break  # idle for a while: tidy up below
                 if self._closed and not self._queue:
                     return
+                if self._queue:
+                    self._gather()
                 batch = self._queue[:MAX_BATCH]
                 del self._queue[:MAX_BATCH]
             if batch:
@@ -157,6 +171,17 @@ class SettleWriter:
                     self._idle()
                 except Exception:  # pragma: no cover - a checkpoint is an optimization
                     logger.debug("kimi-budget: ledger upkeep failed", exc_info=True)
+
+    def _gather(self) -> None:
+        """Let settlements gather for up to ``linger`` seconds (the condition's lock held)."""
+        until = time.monotonic() + self._linger
+        while (
+            not self._closed
+            and len(self._queue) < MAX_BATCH
+            and self._wanted <= self._done
+            and (left := until - time.monotonic()) > 0
+        ):
+            self._cond.wait(left)
 
     def _run(self, batch: list[Settlement]) -> None:
         if not batch:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._responses import ToolCallTally, cache_write_tokens, usage_json, web_search_calls
+from ._responses import ToolCallTally, cache_write_tokens, web_search_calls
 
 if TYPE_CHECKING:
     from . import CacheTTL, ModelPrice
@@ -29,7 +29,6 @@ class Extras:
 
     web_search_calls: int = 0
     cache_write_tokens: int | None = None
-    usage_json: str | None = None
 
     def read_usage(self, raw: Any) -> None:
         if raw is None:
@@ -37,7 +36,6 @@ class Extras:
         written = cache_write_tokens(raw)
         if written is not None:
             self.cache_write_tokens = written
-        self.usage_json = usage_json(raw) or self.usage_json
 
     def read_response(self, response: Any) -> None:
         """A chat completion: a parsed body (dict) or the SDK's object."""

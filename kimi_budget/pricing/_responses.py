@@ -19,7 +19,7 @@ from typing import Any
 
 from ._requests import WEB_SEARCH_TOOL
 
-__all__ = ["ToolCallTally", "cache_write_tokens", "usage_json", "web_search_calls"]
+__all__ = ["ToolCallTally", "cache_write_tokens", "web_search_calls"]
 
 _MAX_TOKENS = 100_000_000
 _WRITE_FIELDS = (
@@ -59,25 +59,6 @@ def cache_write_tokens(usage: Any) -> int | None:
         if isinstance(value, int) and 0 <= value <= _MAX_TOKENS:
             return value
     return None
-
-
-def usage_json(usage: Any) -> str | None:
-    """The raw ``usage`` object as compact JSON text (a dict or an SDK model), or None."""
-    if usage is None:
-        return None
-    data = usage
-    if not isinstance(usage, Mapping | list | str | int | float):
-        dump = getattr(usage, "model_dump", None)
-        if dump is None:
-            return None
-        try:
-            data = dump(warnings=False)
-        except Exception:
-            return None
-    try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return None
 
 
 def _choice_calls(choice: Any) -> int:
