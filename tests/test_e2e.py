@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from decimal import Decimal
 from pathlib import Path
@@ -17,6 +15,7 @@ import kimi_budget as kb
 from kimi_budget._money import call_cost_nanos, to_usd
 from kimi_budget.testing import MoonshotStandIn
 from tests.conftest import KEY
+from tests.python_processes import PythonProcess
 
 LONG_PREFIX = "You are a careful assistant. " + "Context line about budgets and ledgers. " * 80
 
@@ -202,19 +201,13 @@ WORKER = textwrap.dedent(
 def test_four_processes_share_one_daily_cap(standin: MoonshotStandIn, ledger_path: Path) -> None:
     kb.Ledger(ledger_path).close()
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, standin.base_url, str(ledger_path), KEY, str(n)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for n in range(4)
+        PythonProcess(WORKER, standin.base_url, str(ledger_path), KEY, str(n)) for n in range(4)
     ]
     results: list[dict[str, Any]] = []
     for worker in workers:
-        out, err = worker.communicate(timeout=120)
-        assert worker.returncode == 0, err
-        results += json.loads(out)
+        run = worker.communicate(timeout=120)
+        assert run.returncode == 0, run.stderr
+        results += json.loads(run.stdout)
     assert len(results) == 40
     ledger = kb.Ledger(ledger_path)
     cap = Decimal("0.004")

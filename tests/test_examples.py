@@ -1,5 +1,8 @@
 """Every example in examples/ runs offline (against the built-in stand-in) and does what it says.
 
+Each runs as a process of its own, forked from a server that imported openai once
+(``tests/python_processes.py``), with its own environment, folder and ``sys.argv``.
+
 Offline means whatever the environment holds: the examples run here with a key, a base URL and
 a ledger exported, and must use none of them. ``--live`` is the only way to the real API.
 """
@@ -10,14 +13,13 @@ import contextlib
 import os
 import re
 import sqlite3
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from kimi_budget.testing import MoonshotStandIn
+from tests.python_processes import PythonProcess
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHECKED = ("quickstart", "streaming", "async_many", "per_tag_budgets", "batch_job")
@@ -54,15 +56,7 @@ def run_offline(name: str, tmp_path: Path) -> str:
         OPENAI_BASE_URL="http://127.0.0.1:9/v1",
         KIMI_BUDGET_LEDGER=str(configured),
     )
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py")],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = PythonProcess.file(EXAMPLES / f"{name}.py", env=env, cwd=work).communicate(300)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "offline: calls go to a local stand-in at http://127.0.0.1:" in result.stdout
@@ -143,15 +137,9 @@ def test_live_calls_the_configured_api_and_keeps_the_ledger_asked_for(tmp_path: 
     with MoonshotStandIn(api_key=CANARY_KEY) as server:
         env = _clean_env(tmp_path / "home")
         env.update(MOONSHOT_API_KEY=CANARY_KEY, MOONSHOT_BASE_URL=server.base_url)
-        result = subprocess.run(
-            [sys.executable, str(EXAMPLES / "quickstart.py"), "--live", "--ledger", str(kept)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = PythonProcess.file(
+            EXAMPLES / "quickstart.py", "--live", "--ledger", str(kept), env=env, cwd=tmp_path
+        ).communicate(60)
         sent, base_url = len(server.chat_requests), server.base_url
     assert result.returncode == 0, result.stderr
     assert f"live: calling {base_url}" in result.stdout
@@ -163,15 +151,9 @@ def test_live_calls_the_configured_api_and_keeps_the_ledger_asked_for(tmp_path: 
 
 
 def test_live_without_a_key_says_what_is_missing(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py"), "--live"],
-        cwd=tmp_path,
-        env=_clean_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = PythonProcess.file(
+        EXAMPLES / "quickstart.py", "--live", env=_clean_env(tmp_path / "home"), cwd=tmp_path
+    ).communicate(60)
     assert result.returncode != 0
     assert "--live needs MOONSHOT_API_KEY" in result.stderr
     assert "Traceback" not in result.stderr

@@ -15,7 +15,6 @@ import gc
 import json
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -31,6 +30,7 @@ import pytest
 import kimi_budget as kb
 from kimi_budget.testing import Fault, MoonshotStandIn
 from tests.conftest import KEY
+from tests.python_processes import PythonProcess
 
 MODEL = "kimi-k2.5"
 MAX_TOKENS = 200
@@ -256,12 +256,18 @@ def test_keyboard_interrupt_in_flight(server: MoonshotStandIn, ledger_path: Path
 
         def ctrl_c(_: int) -> None:
             server.queue_fault(Fault.slow(1.0))
+            # The alarm must land in the call, not in a finalizer of another test's garbage
+            # (an SDK client's __del__ run by a collection): Python swallows an exception
+            # raised there, and the call would simply complete.
+            gc.collect()
+            gc.disable()
             signal.setitimer(signal.ITIMER_REAL, 0.3)
             try:
                 with pytest.raises(KeyboardInterrupt):
                     create(client)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                gc.enable()
 
         assert_cap_held(server, client, run_until_refused(ctrl_c))
     finally:
@@ -419,16 +425,12 @@ WORKER = textwrap.dedent(
 def test_several_processes_share_the_cap(server: MoonshotStandIn, ledger_path: Path) -> None:
     kb.Ledger(ledger_path).close()
     workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, server.base_url, str(ledger_path), KEY, str(seed)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        PythonProcess(WORKER, server.base_url, str(ledger_path), KEY, str(seed))
         for seed in range(3)
     ]
     for worker in workers:
-        _, err = worker.communicate(timeout=300)
-        assert worker.returncode == 0, err[-2000:]
+        run = worker.communicate(timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
     ledger = kb.Ledger(ledger_path)
     billed = billed_nanos(server, ledger)
     assert len(server.chat_requests) < 3 * 40, "the budget never refused"
