@@ -571,7 +571,8 @@ class SQLiteLedger(Ledger):
         """Write the settlements this process queued for this file, through any of its
         ``Ledger`` objects (reads and close() do it first)."""
         for ledger in list(_OPEN_LEDGERS):
-            if ledger._settler.queued and ledger._file == self._file:
+            # The file first: ``queued`` takes the writer's lock, of every ledger open.
+            if ledger._file == self._file and ledger._settler.queued:
                 ledger._settler.flush()
 
     def _apply_batch(self, batch: Sequence[Settlement]) -> None:
