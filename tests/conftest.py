@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gc
 import os
+import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 # The suite starts many Python processes (xdist workers, CLI and crash-test subprocesses) that
 # import the same modules. Where PYTHONDONTWRITEBYTECODE is set (some containers set it), each
@@ -35,32 +35,29 @@ def _share_the_default_tls_context() -> None:
     transport asking for the default context gets one built once; any other ``verify`` or
     ``cert`` is built as asked."""
     import importlib
-    import ssl
 
     for name in ("httpx2._transports.default", "httpx._transports.default"):
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        original = module.create_ssl_context
-        built: dict[tuple[object, ...], ssl.SSLContext] = {}
+        module.create_ssl_context = _sharing_the_default(module.create_ssl_context)
 
-        def create_ssl_context(
-            verify: object = True,
-            cert: object = None,
-            trust_env: bool = True,
-            _original: object = original,
-            _built: dict[tuple[object, ...], ssl.SSLContext] = built,
-        ) -> ssl.SSLContext:
-            build: Any = _original
-            if verify is not True or cert is not None:
-                return build(verify=verify, cert=cert, trust_env=trust_env)  # type: ignore[no-any-return]
-            key = (trust_env, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
-            if key not in _built:
-                _built[key] = build(verify=verify, cert=cert, trust_env=trust_env)
-            return _built[key]
 
-        module.create_ssl_context = create_ssl_context
+def _sharing_the_default(create: Callable[..., ssl.SSLContext]) -> Callable[..., ssl.SSLContext]:
+    built: dict[tuple[object, ...], ssl.SSLContext] = {}
+
+    def create_ssl_context(
+        verify: object = True, cert: object = None, trust_env: bool = True
+    ) -> ssl.SSLContext:
+        if verify is not True or cert is not None:
+            return create(verify=verify, cert=cert, trust_env=trust_env)
+        key = (trust_env, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+        if key not in built:
+            built[key] = create(verify=verify, cert=cert, trust_env=trust_env)
+        return built[key]
+
+    return create_ssl_context
 
 
 _share_the_default_tls_context()

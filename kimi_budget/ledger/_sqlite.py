@@ -71,6 +71,8 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _EXPIRY_PROBE_EVERY = timedelta(seconds=1)
 # UPDATE ... RETURNING (SQLite 3.35+) settles a pending call without reading its row first.
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+# Window totals a batch of settlements moves: (scope_id, window, start) -> (spent, reserved).
+_TotalSums = dict[tuple[int, str, str], tuple[int, int]]
 _UPDATE_CALL = (
     "UPDATE calls SET status = ?, finished_at = ?, prompt_tokens = ?, cached_tokens = ?, "
     "completion_tokens = ?, cost_nanos = ?, estimated = ?, attempts = ?, "
@@ -162,8 +164,6 @@ class SQLiteLedger(Ledger):
         self._commits = self._checkpointed_at = 0
         self._checkpoints_apart = False
         self._ckpt_conn: sqlite3.Connection | None = None
-        # While the writer applies a batch: the window totals its settlements move, summed.
-        self._totals_sink: dict[tuple[int, str, str], tuple[int, int]] | None = None
         self._settler = SettleWriter(self._apply_batch, self._rescue, self._upkeep, idle_every=0.5)
         self._conn = self._open()
         self._db: sqlite_utils.Database | None = None
@@ -576,14 +576,11 @@ class SQLiteLedger(Ledger):
                 ledger._settler.flush()
 
     def _apply_batch(self, batch: Sequence[Settlement]) -> None:
+        # The window totals the batch moves are summed, and each is written once.
+        sums: _TotalSums = {}
         with self._write("record calls in") as conn:
-            self._totals_sink = {}
-            try:
-                for settlement in batch:
-                    self._settle(conn, settlement)
-                sums = self._totals_sink
-            finally:
-                self._totals_sink = None
+            for settlement in batch:
+                self._settle(conn, settlement, sums)
             _upsert_totals(
                 conn, [(*key, spent, reserved) for key, (spent, reserved) in sums.items()]
             )
@@ -615,7 +612,11 @@ class SQLiteLedger(Ledger):
             except LedgerError as exc:
                 self.write_fallback(settlement, exc)
 
-    def _settle(self, conn: sqlite3.Connection, s: Settlement) -> bool:
+    def _settle(
+        self, conn: sqlite3.Connection, s: Settlement, sums: _TotalSums | None = None
+    ) -> bool:
+        """Record ``s`` in this transaction; its window totals go to ``sums`` when given (a
+        batch writes them once), else are written now."""
         res = s.reservation
         scopes = self._scopes(conn)
         if _HAS_RETURNING:
@@ -657,6 +658,7 @@ class SQLiteLedger(Ledger):
             spent=spent_delta,
             reserved=reserved_delta,
             currency=currency,
+            sums=sums,
         )
         return True
 
@@ -796,17 +798,17 @@ class SQLiteLedger(Ledger):
         spent: int,
         reserved: int,
         currency: str,
+        sums: _TotalSums | None = None,
     ) -> None:
         rows = _windows.total_rows(
             scopes, tags, instant, spent=spent, reserved=reserved, currency=currency
         )
-        if self._totals_sink is not None:  # a batch of settlements: summed, written once
-            for scope_id, window, start, spent_delta, reserved_delta in rows:
-                key = (scope_id, window, start)
-                had = self._totals_sink.get(key, (0, 0))
-                self._totals_sink[key] = (had[0] + spent_delta, had[1] + reserved_delta)
+        if sums is None:
+            _upsert_totals(conn, rows)
             return
-        _upsert_totals(conn, rows)
+        for scope_id, window, start, spent_delta, reserved_delta in rows:
+            had = sums.get((scope_id, window, start), (0, 0))
+            sums[scope_id, window, start] = (had[0] + spent_delta, had[1] + reserved_delta)
 
     # -- fallback --------------------------------------------------------------------------
 
