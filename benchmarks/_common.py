@@ -484,7 +484,7 @@ class StageTimer:
 
         self._wrap(_client, "prepare", "estimate")
         self._wrap(Call, "__init__", "check+reserve")
-        self._wrap(ledger, "reserve", "check+reserve")
+        self._wrap(ledger, "reserve_call", "check+reserve")
         self._wrap(Call, "on_response", "send hooks")
         self._wrap(_guard, "watch_body", "send hooks")
         self._wrap(_streams, "_feed", "send hooks")

@@ -23,7 +23,7 @@ import functools
 import inspect
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -61,7 +61,7 @@ from ._guard import (
 from ._provider import resolve_provider
 from ._retry import explain_quota_error, judge, stop_resending, wait_after, was_sent
 from ._streams import body_was_read
-from .ledger import Ledger
+from .ledger import Ledger, Reservation
 from .pricing import check_currency
 
 if TYPE_CHECKING:
@@ -84,8 +84,6 @@ _GUARD_ARGS = (
     "exact_tokens",
     "reservation_margin",
 )
-
-
 
 
 class _Guarded:
@@ -121,9 +119,7 @@ class _Guarded:
         )
         # api.moonshot.cn bills in CNY: its table, caps and rows are in CNY (``currency=``
         # overrides, e.g. for a proxy in front of it).
-        self._kb = (
-            guard if guard is not None else resolve_settings(**given, base_url=self.base_url)
-        )
+        self._kb = guard if guard is not None else resolve_settings(**given, base_url=self.base_url)
 
     # -- the SDK's retry loop asks our policy (see _retry) -------------------------------
 
@@ -360,13 +356,14 @@ class OpenAI(_Guarded, openai.OpenAI):
         prepared = prepare(self._kb, body, self._kb_exact_count)
         call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
         try:
+            ledger = self._kb.ledger
             try:
-                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+                call.reservation = ledger.reserve_call(call.reservation, self._kb.budgets)
             except BudgetExceededError:
                 if not recount_exactly(prepared, self._kb_exact_count, self._kb):
                     raise
                 call = self._kb_call(prepared, options, bool(body.get("stream")) or stream)
-                self._kb.ledger.reserve(call.reservation, self._kb.budgets)
+                call.reservation = ledger.reserve_call(call.reservation, self._kb.budgets)
         except BudgetExceededError as exc:
             raise _explained(exc, prepared) from None
         return call
@@ -610,41 +607,57 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
 
     async def _kb_reserve(self, call: Call) -> None:
         """Reserve a call in the ledger (see ``_kb_reserve_off_loop``)."""
-        await self._kb_reserve_off_loop(
-            call.reservation, lambda: call.failed(asyncio.CancelledError())
-        )
+
+        def release(recorded: Reservation) -> None:
+            call.reservation = recorded
+            call.failed(asyncio.CancelledError())
+
+        call.reservation = await self._kb_reserve_off_loop(call.reservation, release, call=True)
 
     async def _kb_reserve_off_loop(
-        self, reservation: Any, release: Callable[[], None] | None = None
-    ) -> None:
+        self,
+        reservation: Reservation,
+        release: Callable[[Reservation], None] | None = None,
+        *,
+        call: bool = False,
+    ) -> Reservation:
         """Reserve in the ledger, never waiting on the event loop: on a network (a server
         ledger) or for a lock (a local ledger another process is writing: its ``try_reserve``
-        says so) the reservation is taken in a worker thread.
+        says so) the reservation is taken in a worker thread. ``call``: for a call about to
+        be sent (``reserve_call``). Returns the reservation as recorded.
 
         ``release``: gives the reservation back if the task is cancelled while a worker thread
         takes it (the call was never sent), instead of letting it expire at full price.
         """
         ledger = self._kb.ledger
+        budgets = self._kb.budgets
+
+        def reserve(reservation: Reservation, budgets: Sequence[Budget]) -> Reservation:
+            if call:
+                return ledger.reserve_call(reservation, budgets)
+            ledger.reserve(reservation, budgets)
+            return reservation
+
         if not getattr(ledger, "blocking_io", False):
-            try_reserve = getattr(ledger, "try_reserve", None)
+            try_reserve = getattr(ledger, "try_reserve_call" if call else "try_reserve", None)
             if try_reserve is None:
-                ledger.reserve(reservation, self._kb.budgets)  # a short local transaction
-                return
-            if try_reserve(reservation, self._kb.budgets):
-                return  # done on the loop: nothing had to wait
+                return reserve(reservation, budgets)  # a short local transaction
+            recorded = try_reserve(reservation, budgets)
+            if recorded:
+                # Done on the loop: nothing had to wait.
+                return reservation if recorded is True else recorded
             # The local ledger is busy (another process writing, 8 processes contending): the
             # wait for its lock happens in a worker thread, never on the event loop.
-        task = asyncio.ensure_future(
-            asyncio.to_thread(ledger.reserve, reservation, self._kb.budgets)
-        )
+        task = asyncio.ensure_future(asyncio.to_thread(reserve, reservation, budgets))
         try:
-            await asyncio.shield(task)
+            return await asyncio.shield(task)
         except asyncio.CancelledError:
             if release is not None:
+                undo = release
 
-                def taken(done: asyncio.Future[None]) -> None:
+                def taken(done: asyncio.Future[Reservation]) -> None:
                     if not done.cancelled() and done.exception() is None:
-                        release()
+                        undo(done.result())
 
                 task.add_done_callback(taken)
             raise

@@ -438,7 +438,8 @@ class Call:
 
         def renew() -> None:
             with contextlib.suppress(LedgerError):
-                self.settings.ledger.extend(self.reservation.call_id, expires)
+                # A share of an allotment renews the allotment that holds its budget.
+                self.settings.ledger.extend(self.reservation.held_by, expires)
 
         if on_event_loop():
             threading.Thread(target=renew, name="kimi-budget lease", daemon=True).start()

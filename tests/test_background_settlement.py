@@ -215,14 +215,15 @@ def test_the_async_client_waits_for_a_locked_ledger_off_the_loop(
     ledger_path: Path, standin: MoonshotStandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ledger = kb.Ledger(ledger_path, busy_timeout=10)
-    tries: list[bool] = []
-    try_reserve = SQLiteLedger.try_reserve
+    tries: list[bool] = []  # whether each try on the loop reserved
+    try_reserve_call = SQLiteLedger.try_reserve_call
 
-    def spy(self: SQLiteLedger, *args: Any) -> bool:
-        tries.append(try_reserve(self, *args))
-        return tries[-1]
+    def spy(self: SQLiteLedger, *args: Any) -> Reservation | None:
+        recorded = try_reserve_call(self, *args)
+        tries.append(recorded is not None)
+        return recorded
 
-    monkeypatch.setattr(SQLiteLedger, "try_reserve", spy)
+    monkeypatch.setattr(SQLiteLedger, "try_reserve_call", spy)
     holder = sqlite3.connect(ledger_path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")  # another process's write transaction
 

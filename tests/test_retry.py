@@ -506,8 +506,11 @@ def test_unwritable_ledger_after_a_billed_call_keeps_the_response(
     assert ledger.fallback_path.exists()
     assert oct(ledger.fallback_path.stat().st_mode & 0o777) == "0o600"
     assert KEY not in ledger.fallback_path.read_text()
+    # The ledger becomes writable again.
     if failure == "locked":
         blocker.execute("ROLLBACK")
+    else:
+        ledger.conn.execute("PRAGMA query_only = 0")
     blocker.close()
 
     reopened = kb.Ledger(ledger_path)  # merges the fallback file

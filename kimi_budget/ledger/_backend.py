@@ -186,6 +186,16 @@ class Ledger:
         """
         raise NotImplementedError
 
+    def reserve_call(self, reservation: Reservation, budgets: Sequence[Budget] = ()) -> Reservation:
+        """``reserve()`` for a call the guard is about to send; returns the reservation as
+        recorded, which the call's settlement must carry.
+
+        A backend may record the call as a share of an allotment this process reserved
+        earlier (SQLite does: see ``_allotments``) instead of a transaction of its own.
+        """
+        self.reserve(reservation, budgets)
+        return reservation
+
     def settle(self, settlement: Settlement) -> bool:
         """Record how a call ended. Returns False if it was already settled (idempotent)."""
         raise NotImplementedError

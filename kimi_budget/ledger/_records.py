@@ -50,6 +50,13 @@ class Reservation:
     price_output: int
     stream: bool = False
     currency: str = "USD"
+    # The allotment this call's budget is a share of (see ``_allotments``), if any.
+    allotment_id: str | None = None
+
+    @property
+    def held_by(self) -> str:
+        """The ``reservations`` row that holds this call's budget: its own, or its allotment."""
+        return self.allotment_id or self.call_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,17 @@ from .._budget import (
 )
 from .._money import to_usd
 from . import _windows
+from ._allotments import IDLE as IDLE_ALLOTMENT
+from ._allotments import (
+    Allotment,
+    Allotments,
+    is_allotment,
+    journal_path,
+    lost_journal_settlement,
+    read_journal,
+    share_of_journal,
+)
+from ._allotments import size as allotment_size
 from ._backend import (
     Clock,
     Ledger,
@@ -140,7 +151,10 @@ class SQLiteLedger(Ledger):
         busy_timeout: float = 30.0,
         clock: Clock | None = None,
         read_only: bool = False,
+        allotments: bool = True,
     ) -> None:
+        """``allotments=False``: every call reserves in a transaction of its own (see
+        ``_allotments``; slower, and a process never holds budget it is not using)."""
         self.path = Path(path).expanduser() if path is not None else default_ledger_path()
         self.read_only, self._read_only_why = read_only, "opened with read_only=True"
         if not read_only and self.path.exists() and not _writable(self.path):
@@ -165,6 +179,9 @@ class SQLiteLedger(Ledger):
         self._checkpoints_apart = False
         self._ckpt_conn: sqlite3.Connection | None = None
         self._settler = SettleWriter(self._apply_batch, self._rescue, self._upkeep, idle_every=0.5)
+        # Journals are named after the file itself: another process may name it otherwise.
+        self._allotments = Allotments(Path(self._file), _journal_line) if allotments else None
+        self._after_commit: list[Path] = []  # journals of allotments expired in this transaction
         self._conn = self._open()
         self._db: sqlite_utils.Database | None = None
         self._columns = {row[1] for row in self._conn.execute("PRAGMA table_info(calls)")}
@@ -319,6 +336,9 @@ class SQLiteLedger(Ledger):
         self._writer = None
         self._deferred = []
         self._settler.after_fork()
+        if self._allotments is not None:
+            self._allotments.after_fork()
+        self._after_commit = []
         self._ckpt_conn = None
         self._checkpoints_apart = False
 
@@ -339,6 +359,8 @@ class SQLiteLedger(Ledger):
         """Write what is queued, then close (safe to call twice)."""
         if self._pid == os.getpid():
             self._settler.close()
+            with contextlib.suppress(Exception):
+                self._give_back(idle=None)
         with self._lock:
             if self._ckpt_conn is not None:
                 self._ckpt_conn.close()
@@ -387,6 +409,9 @@ class SQLiteLedger(Ledger):
                 yield conn
                 conn.execute("COMMIT")
                 self._commits += 1
+                for journal in self._after_commit:
+                    with contextlib.suppress(OSError):
+                        journal.unlink()
             except sqlite3.Error as exc:
                 _rollback(conn)
                 raise ledger_error(self._explain(exc, doing), path=str(self.path)) from None
@@ -395,6 +420,7 @@ class SQLiteLedger(Ledger):
                 raise
             finally:
                 self._writer = None
+                self._after_commit = []
         finally:
             self._lock.release()
         self._settle_deferred()
@@ -422,14 +448,34 @@ class SQLiteLedger(Ledger):
         """
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
-        refusal = self._reserve(reservation, applicable)
+        self._reserve_or_refuse(reservation, applicable)
+
+    def reserve_call(self, reservation: Reservation, budgets: Sequence[Budget] = ()) -> Reservation:
+        """``reserve()`` for a call about to be sent: a share of an allotment this process
+        holds if one fits (no transaction), else a transaction that may reserve a new
+        allotment beside the call (see ``_allotments``)."""
+        applicable = _windows.applicable(budgets, reservation)
+        _windows.check_per_call(reservation, applicable)
+        allot = False
+        if self._allotments is not None:
+            share = self._allotments.take(reservation, applicable)
+            if share is not None:
+                return share
+            allot = self._allotments.wanted(reservation, applicable)
+        self._reserve_or_refuse(reservation, applicable, allot=allot)
+        return reservation
+
+    def _reserve_or_refuse(
+        self, reservation: Reservation, applicable: Sequence[Budget], *, allot: bool = False
+    ) -> None:
+        refusal = self._reserve(reservation, applicable, allot=allot)
         if refusal is not None and self._settles_here():
             # Settlements this process queued (through any Ledger object on this file) hold
-            # their full reservations until written, and the writer may have written some
-            # just after the check: write them all, then look again (a queue may only ever
-            # make a check stricter). Only a refusal pays for this, never the call path.
+            # their full reservations until written, and its allotments hold room it may not
+            # use: write them all, give back what is unused, then look again (both may only
+            # ever make a check stricter). Only a refusal pays for this, never the call path.
             self.flush()
-            refusal = self._reserve(reservation, applicable)
+            refusal = self._reserve(reservation, applicable, allot=allot)
         if refusal is not None:
             raise refusal
 
@@ -441,48 +487,110 @@ class SQLiteLedger(Ledger):
         might lift. The async client calls this on its event loop and, on False, ``reserve``
         in a worker thread, so the loop never waits on the ledger.
         """
+        return self._try_reserve(reservation, budgets) is not None
+
+    def try_reserve_call(
+        self, reservation: Reservation, budgets: Sequence[Budget] = ()
+    ) -> Reservation | None:
+        """``reserve_call()`` if it can be done this instant (see ``try_reserve``): the
+        reservation as recorded, or None (nothing reserved)."""
+        return self._try_reserve(reservation, budgets, allot=True)
+
+    def _try_reserve(
+        self, reservation: Reservation, budgets: Sequence[Budget], *, allot: bool = False
+    ) -> Reservation | None:
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
+        if allot and self._allotments is not None:
+            share = self._allotments.take(reservation, applicable)
+            if share is not None:
+                return share
+            allot = self._allotments.wanted(reservation, applicable)
         try:
-            refusal = self._reserve(reservation, applicable, wait=False)
+            refusal = self._reserve(reservation, applicable, wait=False, allot=allot)
         except _WouldWait:
-            return False
+            return None
         if refusal is not None:
             if self._settles_here():
-                return False  # reserve() flushes and looks again, off the loop
+                return None  # reserve() flushes and looks again, off the loop
             raise refusal
-        return True
+        return reservation
 
     def _reserve(
-        self, reservation: Reservation, applicable: Sequence[Budget], *, wait: bool = True
+        self,
+        reservation: Reservation,
+        applicable: Sequence[Budget],
+        *,
+        wait: bool = True,
+        allot: bool = False,
     ) -> BudgetExceededError | None:
+        """Reserve ``reservation`` in one transaction, and beside it (``allot``) an allotment
+        for the calls that follow, if there is room for one."""
         tags = reservation.tags
-        with self._write("reserve budget in", wait=wait) as conn:
-            now = self.clock()
-            # Expired reservations (of dead processes) are looked for at most about once a
-            # second: one left a moment longer only keeps its budget reserved a moment longer.
-            last = self._expiry_probed_at
-            if last is None or not timedelta(0) <= now - last < _EXPIRY_PROBE_EVERY:
-                self._expire_stale(conn, now)
-                self._expiry_probed_at = now
-            for budget in applicable:
-                if budget.windows:
-                    self._register(conn, budget, now)
-            scopes = self._scopes(conn)
-            refusal = self._refusal(conn, scopes, applicable, reservation)
-            if refusal is None:
-                self._insert_pending(conn, reservation, tags)
-                self._add_totals(
-                    conn,
-                    scopes,
-                    tags,
-                    reservation.created_at,
-                    spent=0,
-                    reserved=reservation.projected_nanos,
-                    currency=reservation.currency,
-                )
+        allotment: Allotment | None = None
+        try:
+            with self._write("reserve budget in", wait=wait) as conn:
+                now = self.clock()
+                # Expired reservations (of dead processes) are looked for at most about once a
+                # second: one left a moment longer only keeps its budget reserved a moment
+                # longer.
+                last = self._expiry_probed_at
+                if last is None or not timedelta(0) <= now - last < _EXPIRY_PROBE_EVERY:
+                    self._expire_stale(conn, now)
+                    self._expiry_probed_at = now
+                for budget in applicable:
+                    if budget.windows:
+                        self._register(conn, budget, now)
+                scopes = self._scopes(conn)
+                refusal, room = self._refusal(conn, scopes, applicable, reservation)
+                if refusal is None:
+                    reserved = reservation.projected_nanos
+                    self._insert_pending(conn, reservation, tags)
+                    if allot and self._allotments is not None:
+                        allotment = self._start_allotment(
+                            conn, scopes, reservation, applicable, room
+                        )
+                        if allotment is not None:
+                            reserved += allotment.rest
+                    self._add_totals(
+                        conn,
+                        scopes,
+                        tags,
+                        reservation.created_at,
+                        spent=0,
+                        reserved=reserved,
+                        currency=reservation.currency,
+                    )
+        except BaseException:
+            if allotment is not None and self._allotments is not None:
+                self._allotments.discard(allotment)
+            raise
+        if allotment is not None and self._allotments is not None:
+            self._allotments.add(allotment, applicable)
         # Returned (and raised) after the commit, so that the expiries done on the way stay.
         return refusal
+
+    def _start_allotment(
+        self,
+        conn: sqlite3.Connection,
+        scopes: Sequence[Scope],
+        reservation: Reservation,
+        applicable: Sequence[Budget],
+        room: int | None,
+    ) -> Allotment | None:
+        """An allotment beside ``reservation``, its row inserted (its totals are the
+        caller's to add), if there is room for at least one more such call."""
+        assert self._allotments is not None
+        amount = allotment_size(reservation.projected_nanos, room)
+        if not amount:
+            return None
+        valid_until = _windows.first_window_end(
+            scopes, reservation.tags, reservation.currency, reservation.created_at
+        )
+        allotment = self._allotments.start(reservation, applicable, amount, valid_until)
+        if allotment is not None:
+            self._insert_pending(conn, allotment.reservation, reservation.tags)
+        return allotment
 
     def _refusal(
         self,
@@ -490,8 +598,10 @@ class SQLiteLedger(Ledger):
         scopes: Sequence[Scope],
         budgets: Sequence[Budget],
         reservation: Reservation,
-    ) -> BudgetExceededError | None:
-        """The first window cap the reservation would exceed, narrowest window first."""
+    ) -> tuple[BudgetExceededError | None, int | None]:
+        """The first window cap the reservation would exceed, narrowest window first; else
+        None and the room the tightest cap has left after it (None: no window cap)."""
+        room: int | None = None
         for budget in budgets:
             if not budget.windows:
                 continue  # a per_call-only budget keeps no totals (and has no scope row)
@@ -500,8 +610,10 @@ class SQLiteLedger(Ledger):
             totals = self._read_totals(conn, scope, budget.windows, reservation.created_at)
             refused = _windows.refusal(budget, reservation, totals)
             if refused is not None:
-                return refused
-        return None
+                return refused, None
+            left = _windows.room(budget, reservation, totals)
+            room = left if room is None else min(room, left)
+        return None, room
 
     def _insert_pending(
         self, conn: sqlite3.Connection, reservation: Reservation, tags: Mapping[str, str]
@@ -530,8 +642,11 @@ class SQLiteLedger(Ledger):
         """Push a live reservation's expiry out (a call that is retrying is not dead)."""
         with self._write("extend a reservation in") as conn:
             conn.execute(
-                "UPDATE reservations SET expires_at = ? WHERE call_id = ?",
-                (format_utc(expires_at), call_id),
+                # An allotment holds shares of several calls: one may only push it out.
+                "UPDATE reservations SET expires_at = ? WHERE call_id = ?"
+                + (" AND expires_at < ?" if is_allotment(call_id) else ""),
+                (format_utc(expires_at), call_id)
+                + ((format_utc(expires_at),) if is_allotment(call_id) else ()),
             )
 
     def settle(self, settlement: Settlement) -> bool:
@@ -543,7 +658,10 @@ class SQLiteLedger(Ledger):
             return True
         self.flush()  # in order with what this process queued before
         with self._write("record a call in") as conn:
-            return self._settle(conn, settlement)
+            done = self._settle(conn, settlement)
+        if self._allotments is not None:
+            self._allotments.settled([settlement.reservation.allotment_id])
+        return done
 
     def settle_later(self, settlement: Settlement) -> None:
         """Queue how a call ended for the background writer; returns at once.
@@ -560,20 +678,100 @@ class SQLiteLedger(Ledger):
         self._settler.submit(settlement)
 
     def _settles_here(self) -> bool:
-        """Whether this process ever queued a settlement for this file (any ``Ledger`` on it)."""
+        """Whether this process ever queued a settlement for this file, or holds an allotment
+        of it (through any ``Ledger`` object on it)."""
         return any(
-            ledger._settler.submitted
+            ledger._settler.submitted or (ledger._allotments and ledger._allotments.held)
             for ledger in list(_OPEN_LEDGERS)
             if ledger._file == self._file
         )
 
     def flush(self) -> None:
         """Write the settlements this process queued for this file, through any of its
-        ``Ledger`` objects (reads and close() do it first)."""
+        ``Ledger`` objects, and give back its allotments' unused room (reads and close() do
+        it first)."""
         for ledger in list(_OPEN_LEDGERS):
+            if ledger._file != self._file:
+                continue
             # The file first: ``queued`` takes the writer's lock, of every ledger open.
-            if ledger._file == self._file and ledger._settler.queued:
+            if ledger._settler.queued:
                 ledger._settler.flush()
+            if ledger._allotments is not None and ledger._allotments.held:
+                ledger._give_back(idle=None)
+
+    def _give_back(self, *, idle: float | None = IDLE_ALLOTMENT) -> None:
+        """Release the unused room of this object's allotments that are closed or unused for
+        ``idle`` seconds (None: all), and remove those with no share in flight."""
+        if self._allotments is None or self._pid != os.getpid() or self._fallback.pending():
+            # (Settlements of shares may wait in the fallback file: the shares stay held by
+            # their allotment until a write merges them.)
+            return
+        allotments = self._allotments.to_give_back(idle=idle)
+        if not allotments:
+            return
+        from .._exceptions import LedgerError  # an allotment exists: a call was made
+
+        gone: list[Allotment] = []
+        try:
+            with self._write("give back allotments in") as conn:
+                scopes = self._scopes(conn)
+                for allotment in allotments:
+                    if self._release_allotment(conn, scopes, allotment):
+                        gone.append(allotment)
+        except LedgerError as exc:
+            # They stay held, closed, and are given back later (or expire: their journals
+            # then say which calls were in flight).
+            logger.info("kimi-budget could not give back allotments yet: %s", exc)
+            return
+        for allotment in gone:
+            self._allotments.given_back(allotment)
+
+    def _release_allotment(
+        self, conn: sqlite3.Connection, scopes: Sequence[Scope], allotment: Allotment
+    ) -> bool:
+        """Release what ``allotment`` has not handed out; remove its row if no share of it is
+        in flight. True when the row is gone."""
+        res = allotment.reservation
+        release, allotment.rest = allotment.rest, 0
+        if allotment.in_flight <= 0:
+            self._drop_allotment_row(conn, scopes, res)
+            return True
+        if release and conn.execute(
+            # (An allotment that outlived its expiry was settled by whoever expired it.)
+            "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
+            (release, res.call_id),
+        ).rowcount:
+            self._add_totals(
+                conn,
+                scopes,
+                res.tags,
+                res.created_at,
+                spent=0,
+                reserved=-release,
+                currency=res.currency,
+            )
+        return False
+
+    def _drop_allotment_row(
+        self, conn: sqlite3.Connection, scopes: Sequence[Scope], res: Reservation
+    ) -> None:
+        """Remove an allotment's row and release whatever it still holds."""
+        row = conn.execute(
+            "SELECT projected_nanos FROM reservations WHERE call_id = ?", (res.call_id,)
+        ).fetchone()
+        if row is None:
+            return
+        conn.execute("DELETE FROM reservations WHERE call_id = ?", (res.call_id,))
+        if row[0]:
+            self._add_totals(
+                conn,
+                scopes,
+                res.tags,
+                res.created_at,
+                spent=0,
+                reserved=-row[0],
+                currency=res.currency,
+            )
 
     def _apply_batch(self, batch: Sequence[Settlement]) -> None:
         # The window totals the batch moves are summed, and each is written once.
@@ -584,15 +782,23 @@ class SQLiteLedger(Ledger):
             _upsert_totals(
                 conn, [(*key, spent, reserved) for key, (spent, reserved) in sums.items()]
             )
+        if self._allotments is not None:
+            self._allotments.settled([s.reservation.allotment_id for s in batch])
 
     def _rescue(self, batch: Sequence[Settlement], exc: BaseException) -> None:
         for settlement in batch:
             self.write_fallback(settlement, exc)
+        if self._allotments is not None:
+            self._allotments.settled([s.reservation.allotment_id for s in batch])
 
     def _upkeep(self) -> None:
         """On the writer's thread, between batches: checkpoint the WAL, off every caller's
         commit (a PASSIVE checkpoint on its own connection: it takes no write lock)."""
-        if self._commits == self._checkpointed_at or self._pid != os.getpid():
+        if self._pid != os.getpid():
+            return
+        with contextlib.suppress(Exception):
+            self._give_back()  # allotments closed, or unused for a while
+        if self._commits == self._checkpointed_at:
             return
         self._checkpointed_at = self._commits
         if self._ckpt_conn is None:
@@ -619,7 +825,9 @@ class SQLiteLedger(Ledger):
         batch writes them once), else are written now."""
         res = s.reservation
         scopes = self._scopes(conn)
-        if _HAS_RETURNING:
+        if res.allotment_id is not None:
+            held = []  # a share of an allotment has no row of its own
+        elif _HAS_RETURNING:
             held = conn.execute(
                 f"DELETE FROM reservations WHERE call_id = ? RETURNING {_HELD}", (res.call_id,)
             ).fetchall()
@@ -641,9 +849,12 @@ class SQLiteLedger(Ledger):
                 "SELECT status, cost_nanos FROM calls WHERE call_id = ?", (res.call_id,)
             ).fetchone()
             if row is None:
-                # A fallback line whose reservation never reached this file.
+                # A share of an allotment, or a fallback line whose reservation never reached
+                # this file.
                 spent_delta, reserved_delta = s.cost_nanos, 0
                 self._insert_call(conn, s, _held(res))
+                if res.allotment_id is not None:
+                    self._take_from_allotment(conn, scopes, res, sums)
             elif row[0] == "expired" and s.status != "expired":
                 # The call outlived its reservation; its real outcome replaces the estimate.
                 spent_delta, reserved_delta = s.cost_nanos - row[1], 0
@@ -661,6 +872,36 @@ class SQLiteLedger(Ledger):
             sums=sums,
         )
         return True
+
+    def _take_from_allotment(
+        self,
+        conn: sqlite3.Connection,
+        scopes: Sequence[Scope],
+        share: Reservation,
+        sums: _TotalSums | None,
+    ) -> None:
+        """Move a settled share out of its allotment (if it is still there: an allotment
+        given back or expired released its shares already), in the allotment's windows."""
+        found = conn.execute(
+            "SELECT created_at, tags, currency FROM reservations WHERE call_id = ?",
+            (share.allotment_id,),
+        ).fetchone()
+        if found is None:
+            return
+        conn.execute(
+            "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
+            (share.projected_nanos, share.allotment_id),
+        )
+        self._add_totals(
+            conn,
+            scopes,
+            json.loads(found[1]),
+            parse_utc(found[0]),
+            spent=0,
+            reserved=-share.projected_nanos,
+            currency=found[2],
+            sums=sums,
+        )
 
     def _insert_call(self, conn: sqlite3.Connection, s: Settlement, held: Sequence[Any]) -> None:
         """The settled row: the reservation's columns (``_HELD``'s order), then the outcome."""
@@ -686,8 +927,27 @@ class SQLiteLedger(Ledger):
         ).fetchall()
         for row in stale:
             res = _reservation_from_row(row)
-            self._settle(conn, expired_settlement(res, row[11], now))
+            if is_allotment(res.call_id):
+                self._expire_allotment(conn, res, now)
+            else:
+                self._settle(conn, expired_settlement(res, row[11], now))
         return len(stale)
+
+    def _expire_allotment(
+        self, conn: sqlite3.Connection, allotment: Reservation, now: datetime
+    ) -> None:
+        """An allotment its process never gave back: each call its journal lists that never
+        settled is charged its full reservation; the rest is released. Without a journal to
+        trust, the whole rest is charged, as one estimated row."""
+        journal = journal_path(Path(self._file), allotment.call_id)
+        shares = read_journal(journal)
+        if shares is None:
+            self._settle(conn, lost_journal_settlement(allotment, now))
+        else:
+            for line in shares:
+                self._settle(conn, expired_settlement(share_of_journal(line, allotment), 1, now))
+            self._drop_allotment_row(conn, self._scopes(conn), allotment)
+        self._after_commit.append(journal)
 
     # -- window totals -----------------------------------------------------------------
 
@@ -993,6 +1253,8 @@ def _flush_at_exit() -> None:
         if ledger._pid == os.getpid():
             with contextlib.suppress(Exception):
                 ledger._settler.close()
+            with contextlib.suppress(Exception):
+                ledger._give_back(idle=None)
 
 
 atexit.register(_flush_at_exit)
@@ -1090,6 +1352,11 @@ def _tag_filter(tags: Mapping[str, str]) -> tuple[str, list[Any]]:
         where += " AND json_extract(tags, ?) = ?"
         params += ['$."' + key + '"', value]
     return where, params
+
+
+def _journal_line(res: Reservation) -> bytes:
+    """A call's line in an allotment's journal: its reservation as ``_HELD``'s columns."""
+    return (json.dumps(_held(res), separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
 
 def _reservation_from_row(row: Sequence[Any]) -> Reservation:

@@ -33,7 +33,9 @@ __all__ = [
     "as_utc_text",
     "backfill_range",
     "check_per_call",
+    "first_window_end",
     "refusal",
+    "room",
     "scope_for",
     "total_rows",
     "window_status",
@@ -160,6 +162,31 @@ def refusal(
             else end.astimezone(budget.tz).isoformat(timespec="seconds"),
         )
     return None
+
+
+def room(budget: Budget, reservation: Reservation, totals: Mapping[str, tuple[int, int]]) -> int:
+    """What the tightest window cap of ``budget`` has left once ``reservation`` is in it."""
+    projected = reservation.projected_nanos
+    return min(
+        budget.caps_nanos[window] - spent - reserved - projected
+        for window, (spent, reserved) in ((w, totals[w]) for w in budget.windows)
+    )
+
+
+def first_window_end(
+    scopes: Sequence[Scope], tags: Mapping[str, str], currency: str, instant: datetime
+) -> datetime | None:
+    """The first end, after ``instant``, of a window holding it in any scope ``tags`` count
+    in (None: only all-time windows). Totals a call moves are those of its windows: a
+    reservation made for ``instant`` stands for calls made before then only."""
+    ends = [
+        window_bounds(window, instant, scope.tz)[1]
+        for scope in scopes
+        if scope.matches(tags, currency)
+        for window in scope.windows
+        if window != "total"
+    ]
+    return min(ends, default=None)
 
 
 def window_status(

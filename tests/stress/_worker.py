@@ -220,16 +220,17 @@ def run_crash(cfg: dict[str, Any]) -> None:
             while wait:
                 time.sleep(60)  # the parent's SIGKILL ends this
 
-    original_reserve = SQLiteLedger.reserve
+    original_reserve = SQLiteLedger.reserve_call
     original_settle = SQLiteLedger._settle
     original_add = SQLiteLedger._add_totals
 
-    def reserve(self: SQLiteLedger, reservation: Any, budgets: Any = ()) -> None:
+    def reserve(self: SQLiteLedger, reservation: Any, budgets: Any = ()) -> Any:
         stop_here("before-reserve")
-        original_reserve(self, reservation, budgets)
+        recorded = original_reserve(self, reservation, budgets)
         say(f"RESERVED {reservation.tags[h.CALL_TAG]}")
         stop_here("holding")
         stop_here("in-flight", wait=False)
+        return recorded
 
     def add_totals(
         self: SQLiteLedger,
@@ -246,12 +247,12 @@ def run_crash(cfg: dict[str, Any]) -> None:
         if reserved > 0 and spent == 0:
             stop_here("in-reserve")  # the row is inserted, the transaction not committed
 
-    def settle(self: SQLiteLedger, conn: Any, s: Any) -> bool:
-        done = original_settle(self, conn, s)
+    def settle(self: SQLiteLedger, conn: Any, s: Any, *more: Any) -> bool:
+        done = original_settle(self, conn, s, *more)
         stop_here("in-settle")  # the row is updated, the transaction not committed
         return done
 
-    SQLiteLedger.reserve = reserve  # type: ignore[method-assign]
+    SQLiteLedger.reserve_call = reserve  # type: ignore[method-assign]
     SQLiteLedger._add_totals = add_totals  # type: ignore[method-assign]
     SQLiteLedger._settle = settle  # type: ignore[method-assign]
 
