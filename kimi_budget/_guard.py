@@ -39,7 +39,7 @@ from ._usage import (
     read_usage,
     usage_from_body,
 )
-from .ledger import Ledger, Reservation, Settlement, new_call_id
+from .ledger import LateSettlement, Ledger, Reservation, Settlement, new_call_id
 from .ledger._backend import on_event_loop
 from .pricing import ModelPrice, PriceTable, declares_web_search, requested_cache_ttl
 from .pricing._bill import Extras, charge
@@ -449,9 +449,29 @@ class Call:
     # -- endings -----------------------------------------------------------------------
 
     def succeeded(self, result: Any) -> None:
-        """The SDK returned; settle now unless the body is still streaming to the caller."""
-        if self.streaming:
+        """The SDK returned; settle unless the body is still streaming to the caller.
+
+        The bill is read, and the settlement built, by the ledger's background writer (a
+        ``LateSettlement``): off the caller's path. The call is over; nothing changes it now.
+        """
+        if self.streaming or not self._claim():
             return
+        finished_at, latency_ms = self.settings.now(), self._latency_ms()
+
+        def build() -> Settlement:
+            usage, problem = self._bill_of(result)
+            return self._settlement(
+                "ok",
+                usage,
+                unknown=None if usage is not None else problem or "no usage in the response",
+                finished_at=finished_at,
+                latency_ms=latency_ms,
+            )
+
+        self.settings.ledger.settle_later(LateSettlement(self.reservation, build))
+
+    def _bill_of(self, result: Any) -> tuple[Usage | None, str | None]:
+        """The usage of a returned result (or of its body), and why it is unknown if it is."""
         usage_raw = getattr(result, "usage", None)
         self.extras.read_response(result)
         usage = read_usage(usage_raw) if usage_raw is not None else None
@@ -460,7 +480,7 @@ class Call:
         if usage is None and self.body_response is not None:
             usage, response_id, problem = _usage_of_body(self.body_response, self.extras)
         self.request_id = self.request_id or (response_id if isinstance(response_id, str) else None)
-        self._finish("ok", usage, problem)
+        return usage, problem
 
     def failed(self, exc: BaseException) -> None:
         """The call raised before a body reached the caller."""
@@ -562,10 +582,42 @@ class Call:
     ) -> None:
         """Record the call: ``usage`` of the last attempt if known; ``unknown`` says why the
         last attempt's bill is not known (it is then charged the full reservation)."""
+        if not self._claim():
+            return
+        settlement = self._settlement(
+            status,
+            usage,
+            unknown=unknown,
+            error=error,
+            finished_at=self.settings.now(),
+            latency_ms=self._latency_ms(),
+        )
+        # Applied by the ledger's background writer (or kept in its fallback file): off the
+        # caller's path; the reservation holds the call's worst case until then.
+        self.settings.ledger.settle_later(settlement)
+
+    def _claim(self) -> bool:
+        """True once: the first ending of a call is the one recorded."""
         with self._lock:
             if self._settled:
-                return
+                return False
             self._settled = True
+            return True
+
+    def _latency_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)
+
+    def _settlement(
+        self,
+        status: str,
+        usage: Usage | None,
+        *,
+        unknown: str | None = None,
+        error: str | None = None,
+        finished_at: datetime,
+        latency_ms: int,
+    ) -> Settlement:
+        """The call's settlement (see ``_settle``); an estimated bill is logged."""
         bills = list(self._reported)
         if usage is not None:
             bills.append(usage)
@@ -615,16 +667,13 @@ class Call:
             cache_write_tokens=bill.cache_write_tokens,
             estimated=estimated,
             attempts=self.attempts,
-            finished_at=self.settings.now(),
+            finished_at=finished_at,
             request_id=self.request_id,
-            latency_ms=int((time.perf_counter() - self.started) * 1000),
+            latency_ms=latency_ms,
             error=redact(error, self.secrets)[:1000] if error else None,
             note=redact(note, self.secrets)[:1000] if note else None,
             usage_json=self._usage_json(bills),
         )
-        # Applied by the ledger's background writer (or kept in its fallback file): off the
-        # caller's path; the reservation holds the call's worst case until then.
-        self.settings.ledger.settle_later(settlement)
         if settlement.note:
             # A runtime event, not a programming error: logged (never warned), and kept in the
             # row's ``estimated`` flag and ``note``. The note is redacted.
@@ -634,6 +683,7 @@ class Call:
                 self.reservation.call_id,
                 settlement.note,
             )
+        return settlement
 
     def _usage_json(self, bills: list[Usage]) -> str | None:
         """The usage objects the server reported, as received (redacted): one object, or a

@@ -109,9 +109,7 @@ def assert_totals_are_the_rows(
                 assert sum(expected) <= budget.caps_nanos[window], ("over the cap", key)
 
 
-def assert_every_call_in_flight_is_held(
-    ledger: SQLiteLedger, in_flight: list[Reservation]
-) -> None:
+def assert_every_call_in_flight_is_held(ledger: SQLiteLedger, in_flight: list[Reservation]) -> None:
     """A call on the wire keeps its budget: a row of its own (pending, or charged in full by
     an expiry), or its allotment's row, holding at least its share."""
     rows = {r["call_id"]: r for r in raw_rows(ledger)}

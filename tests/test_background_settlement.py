@@ -1,6 +1,7 @@
-"""One transaction on the call path: settlements go to a background writer, reads by the same
-process flush first, close() and exit flush, and a crash with settlements queued leaves
-reservations that expire at their full worst case; the async client reserves off the loop."""
+"""At most one transaction on the call path: settlements go to a background writer (which also
+reads a returned call's bill), reads by the same process flush first, close() and exit flush,
+and a crash with settlements queued leaves reservations that expire at their full worst case;
+the async client reserves off the loop."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 
 import kimi_budget as kb
-from kimi_budget.ledger import Reservation, Settlement
+from kimi_budget._guard import Call
+from kimi_budget.ledger import LateSettlement, Reservation, Settlement
 from kimi_budget.ledger._sqlite import SQLiteLedger
 from kimi_budget.ledger._writer import SettleWriter
 from kimi_budget.ledger.migrations import _sqlite as migrations
@@ -131,7 +133,8 @@ _CHILD = """
 import os, signal, sys, time
 from datetime import datetime, timedelta, timezone
 import kimi_budget as kb
-from kimi_budget.ledger import Reservation, Settlement
+from kimi_budget._guard import Call
+from kimi_budget.ledger import LateSettlement, Reservation, Settlement
 from kimi_budget.ledger._sqlite import SQLiteLedger
 
 path, how = sys.argv[1], sys.argv[2]
@@ -300,3 +303,47 @@ def test_a_settlement_written_just_after_a_refusal_lets_the_call_through(
     assert checks == [True, False]
     [daily] = ledger.status(budget)
     assert (daily.spent_usd, daily.reserved_usd) == (Decimal("0.00001"), Decimal("0.0001"))
+
+
+def test_a_returned_call_s_bill_is_read_by_the_writer_not_the_caller(
+    ledger_path: Path, standin: MoonshotStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readers: list[str] = []
+    bill_of = Call._bill_of
+
+    def spy(self: Call, result: Any) -> Any:
+        readers.append(threading.current_thread().name)
+        return bill_of(self, result)
+
+    monkeypatch.setattr(Call, "_bill_of", spy)
+    client = kb.OpenAI(api_key=KEY, base_url=standin.base_url, ledger=kb.Ledger(ledger_path))
+    response = client.chat.completions.create(
+        model="kimi-k2.5", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert response.usage is not None
+    client.ledger.flush()
+    assert readers == ["kimi-budget settle writer"]
+    [row] = client.ledger.calls(5)
+    assert row["status"] == "ok" and not row["estimated"]
+    assert row["completion_tokens"] == response.usage.completion_tokens
+    client.close()
+
+
+def test_a_late_settlement_that_cannot_be_worked_out_costs_the_full_reservation(
+    ledger_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = kb.Ledger(ledger_url, clock=lambda: NOW)
+    res = reservation("late")
+    ledger.reserve(res, [kb.Budget(daily="1")])
+
+    def broken() -> Settlement:
+        raise ValueError("a bug of ours")
+
+    ledger.settle_later(LateSettlement(res, broken))
+    [row] = ledger.calls(5)
+    assert row["status"] == "ok" and row["estimated"] == 1
+    assert row["cost_nanos"] == res.projected_nanos
+    assert "could not read the bill" in row["note"]
+    assert "a bug of ours" in caplog.text
+    assert ledger.pending() == []
+    ledger.close()

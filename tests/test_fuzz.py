@@ -67,6 +67,7 @@ def call_and_consume(client: kb.OpenAI, stream: bool) -> tuple[list[str], BaseEx
                     pass
         except Exception as exc:
             raised = exc
+        client.ledger.flush()  # a returned call's bill is read by the ledger's writer
     return list(caught), raised
 
 
@@ -360,6 +361,7 @@ def _call(
                 getattr(result, "usage", None)
         except Exception as exc:
             raised = exc
+        client.ledger.flush()  # a returned call's bill is read by the ledger's writer
     return list(caught), raised
 
 

@@ -44,6 +44,9 @@ def test_warning_comes_after_the_call_is_recorded(
     with warnings.catch_warnings(), LogCapture() as logged:
         warnings.simplefilter("error")
         mocked_client.chat.completions.create(model="kimi-k2.5", messages=MESSAGES, max_tokens=5)
+        # The ledger's writer reads a returned call's bill, off the caller's path; a flush
+        # waits for it (and so does any read of the ledger by this process).
+        mocked_client.ledger.flush()
     [row] = mocked_client.ledger.calls(5)
     assert row["status"] == "ok" and row["estimated"] == 1
     assert any(row["call_id"] in message and "no usage" in message for message in logged)

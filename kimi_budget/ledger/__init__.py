@@ -2,10 +2,13 @@
 
 ``Ledger(target)`` opens the backend the target names; the package is laid out by concern:
 
-- ``_records``: what is stored (``Reservation``, ``Settlement``, ``WindowStatus``);
+- ``_records``: what is stored (``Reservation``, ``Settlement``, ``WindowStatus``), and the
+  ``LateSettlement`` a writer works out off the caller's path;
 - ``_backend``: the interface every backend implements, and the rule for expired reservations;
 - ``_windows``: window totals, the cap policy both backends share;
 - ``_sqlite``: one local file (file safety, fork handling); ``_postgres``: a shared server;
+- ``_writer``: the background writer that applies settlements in batches;
+- ``_allotments``: budget a SQLite ledger reserves for several calls in one transaction;
 - ``_fallback``: the file that keeps settlements a ledger could not take;
 - ``migrations``: each backend's schema.
 """
@@ -16,9 +19,10 @@ import os
 from typing import Any
 
 from ._backend import Ledger, default_ledger_path, expired_settlement
-from ._records import Reservation, Settlement, WindowStatus, new_call_id
+from ._records import LateSettlement, Reservation, Settlement, WindowStatus, new_call_id
 
 __all__ = [
+    "LateSettlement",
     "Ledger",
     "Reservation",
     "Settlement",

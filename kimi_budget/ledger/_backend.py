@@ -31,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._records import Reservation, Settlement, WindowStatus
+from ._records import LateSettlement, Reservation, Settlement, WindowStatus, settlement_of
 
 if TYPE_CHECKING:
     from .._budget import Budget
@@ -200,7 +200,7 @@ class Ledger:
         """Record how a call ended. Returns False if it was already settled (idempotent)."""
         raise NotImplementedError
 
-    def settle_later(self, settlement: Settlement) -> None:
+    def settle_later(self, settlement: Settlement | LateSettlement) -> None:
         """Record how a call ended without keeping the caller waiting; never raises for the
         ledger's sake (a call's answer must reach its caller).
 
@@ -211,10 +211,11 @@ class Ledger:
         """
         from .._exceptions import LedgerError
 
+        settled = settlement_of(settlement)
         try:
-            self.settle(settlement)
+            self.settle(settled)
         except LedgerError as exc:
-            self.write_fallback(settlement, exc)
+            self.write_fallback(settled, exc)
 
     def extend(self, call_id: str, expires_at: datetime) -> None:
         """Push a live reservation's expiry out (a call still retrying or streaming)."""

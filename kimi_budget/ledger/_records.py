@@ -7,11 +7,12 @@ carries its reservation so that a line of the fallback file stands alone.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 
 from .._budget import format_utc, parse_utc
@@ -19,11 +20,15 @@ from .._budget import format_utc, parse_utc
 __all__ = [
     "CURRENCIES",
     "STATUSES",
+    "LateSettlement",
     "Reservation",
     "Settlement",
     "WindowStatus",
     "new_call_id",
+    "settlement_of",
 ]
+
+logger = logging.getLogger("kimi_budget")
 
 CURRENCIES = ("USD", "CNY")
 # "pending" is a reservation in flight; every other status is a settled call.
@@ -103,6 +108,48 @@ class Settlement:
         res["expires_at"] = parse_utc(res["expires_at"])
         data["finished_at"] = parse_utc(data["finished_at"])
         return cls(reservation=Reservation(**res), **data)
+
+
+@dataclass(frozen=True, slots=True)
+class LateSettlement:
+    """How a call ended, to be worked out where it is written: the guard hands the ledger
+    this instead of a ``Settlement`` so that reading the bill (usage, cache writes, fees) and
+    building the row happen on the background writer, off the caller's path. The reservation
+    holds the call's worst case until then, as for any queued settlement."""
+
+    reservation: Reservation
+    build: Callable[[], Settlement]
+
+
+def settlement_of(item: Settlement | LateSettlement) -> Settlement:
+    """``item`` as a ``Settlement``. A late one whose bill cannot be worked out (a bug of
+    ours, never the caller's) is charged its full reservation, flagged as estimated."""
+    if isinstance(item, Settlement):
+        return item
+    try:
+        return item.build()
+    except Exception as exc:
+        res = item.reservation
+        logger.error(
+            "kimi-budget could not read the bill of call %s (%s: %s); it is charged its full "
+            "reservation",
+            res.call_id,
+            type(exc).__name__,
+            exc,
+        )
+        return Settlement(
+            reservation=res,
+            status="ok",
+            prompt_tokens=None,
+            cached_tokens=None,
+            completion_tokens=None,
+            cost_nanos=res.projected_nanos,
+            estimated=True,
+            attempts=1,
+            finished_at=datetime.now(timezone.utc),
+            note=f"kimi-budget could not read the bill ({type(exc).__name__}); charged the "
+            "full reservation",
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,7 @@ from ._backend import (
     utcnow,
 )
 from ._fallback import FallbackFile
-from ._records import Reservation, Settlement, WindowStatus
+from ._records import LateSettlement, Reservation, Settlement, WindowStatus
 from ._windows import Scope, as_utc_text
 from ._writer import SettleWriter
 from .migrations._sqlite import APPLICATION_ID, apply_migrations
@@ -663,7 +663,7 @@ class SQLiteLedger(Ledger):
             self._allotments.settled([settlement.reservation.allotment_id])
         return done
 
-    def settle_later(self, settlement: Settlement) -> None:
+    def settle_later(self, settlement: Settlement | LateSettlement) -> None:
         """Queue how a call ended for the background writer; returns at once.
 
         The reservation keeps holding the call's full projected cost until the writer
@@ -736,11 +736,14 @@ class SQLiteLedger(Ledger):
         if allotment.in_flight <= 0:
             self._drop_allotment_row(conn, scopes, res)
             return True
-        if release and conn.execute(
-            # (An allotment that outlived its expiry was settled by whoever expired it.)
-            "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
-            (release, res.call_id),
-        ).rowcount:
+        if (
+            release
+            and conn.execute(
+                # (An allotment that outlived its expiry was settled by whoever expired it.)
+                "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
+                (release, res.call_id),
+            ).rowcount
+        ):
             self._add_totals(
                 conn,
                 scopes,

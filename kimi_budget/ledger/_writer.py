@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ._records import Settlement
+from ._records import LateSettlement, Settlement, settlement_of
 
 __all__ = ["SettleWriter"]
 
@@ -64,14 +64,14 @@ class SettleWriter:
         # Re-entrant: a stream's finalizer run by the garbage collector inside ``submit`` (an
         # allocation there) submits too, on the same thread.
         self._cond = threading.Condition(threading.RLock())
-        self._queue: list[Settlement] = []
+        self._queue: list[Settlement | LateSettlement] = []
         self._submitted = 0  # settlements ever queued
         self._done = 0  # of those, settlements applied or rescued
         self._wanted = 0  # settlements someone waits for (a flush): written without lingering
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, settlement: Settlement) -> None:
+    def submit(self, settlement: Settlement | LateSettlement) -> None:
         """Queue a settlement; returns at once (a lock taken for microseconds, no I/O)."""
         with self._cond:
             if self._closed:
@@ -183,9 +183,11 @@ class SettleWriter:
         ):
             self._cond.wait(left)
 
-    def _run(self, batch: list[Settlement]) -> None:
-        if not batch:
+    def _run(self, queued: list[Settlement | LateSettlement]) -> None:
+        if not queued:
             return
+        # Late settlements are worked out here, before the transaction (no lock held).
+        batch = [settlement_of(item) for item in queued]
         try:
             self._apply(batch)
         except BaseException as exc:  # every settlement must end somewhere
