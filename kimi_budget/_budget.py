@@ -184,8 +184,14 @@ def tags_json(tags: Mapping[str, str]) -> str:
 
 
 def format_utc(instant: datetime) -> str:
-    """An instant as fixed-width ISO 8601 UTC, so that text order is time order in SQLite."""
-    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """An instant as fixed-width ISO 8601 UTC, so that text order is time order in SQLite.
+
+    ``isoformat`` (a few times faster than ``strftime``: this runs on every call's path) of
+    the UTC instant, ``+00:00`` cut: the same text as ``%Y-%m-%dT%H:%M:%S.%fZ``.
+    """
+    if instant.tzinfo is not UTC:
+        instant = instant.astimezone(UTC)
+    return instant.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def parse_utc(text: str) -> datetime:

@@ -92,3 +92,17 @@ def test_any_sequence_of_instants_gets_window_bounds_keys(
     for minutes in [0, *steps]:
         instant += timedelta(minutes=minutes)
         assert window_key(window, instant, tz) == _expected(window, instant, tz)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    instant=st.datetimes(
+        min_value=datetime(1000, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
+    zone=st.sampled_from([*ZONES, "UTC"]),
+)
+def test_stored_times_are_fixed_width_utc_text(instant: datetime, zone: str) -> None:
+    # The same instant in any zone is the same text, strftime's, and it parses back.
+    text = format_utc(instant.astimezone(ZoneInfo(zone)))
+    assert text == instant.strftime("%Y-%m-%dT%H:%M:%S.%fZ") == format_utc(instant)
+    assert len(text) == 27 and _budget.parse_utc(text) == instant
