@@ -28,6 +28,7 @@ import stat
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -84,6 +85,23 @@ _EXPIRY_PROBE_EVERY = timedelta(seconds=1)
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 # Window totals a batch of settlements moves: (scope_id, window, start) -> (spent, reserved).
 _TotalSums = dict[tuple[int, str, str], tuple[int, int]]
+
+
+@dataclass
+class _Moves:
+    """What the settlements of one transaction move, written once at its end.
+
+    The scopes cannot change while the transaction holds the write lock; ``sums`` are the
+    window totals' deltas (None: each settlement writes its own at once); ``taken`` is what
+    shares take out of each allotment, whose row (windows, tags, currency) is read once.
+    """
+
+    scopes: list[Scope]
+    sums: _TotalSums | None = None
+    taken: dict[str, int] = field(default_factory=dict)
+    allotments: dict[str, tuple[datetime, dict[str, str], str] | None] = field(default_factory=dict)
+
+
 _UPDATE_CALL = (
     "UPDATE calls SET status = ?, finished_at = ?, prompt_tokens = ?, cached_tokens = ?, "
     "completion_tokens = ?, cost_nanos = ?, estimated = ?, attempts = ?, "
@@ -778,13 +796,11 @@ class SQLiteLedger(Ledger):
 
     def _apply_batch(self, batch: Sequence[Settlement]) -> None:
         # The window totals the batch moves are summed, and each is written once.
-        sums: _TotalSums = {}
         with self._write("record calls in") as conn:
+            moves = _Moves(self._scopes(conn), sums={})
             for settlement in batch:
-                self._settle(conn, settlement, sums)
-            _upsert_totals(
-                conn, [(*key, spent, reserved) for key, (spent, reserved) in sums.items()]
-            )
+                self._settle(conn, settlement, moves)
+            self._apply_moves(conn, moves)
         if self._allotments is not None:
             self._allotments.settled([s.reservation.allotment_id for s in batch])
 
@@ -821,13 +837,16 @@ class SQLiteLedger(Ledger):
             except LedgerError as exc:
                 self.write_fallback(settlement, exc)
 
-    def _settle(
-        self, conn: sqlite3.Connection, s: Settlement, sums: _TotalSums | None = None
-    ) -> bool:
-        """Record ``s`` in this transaction; its window totals go to ``sums`` when given (a
-        batch writes them once), else are written now."""
+    def _settle(self, conn: sqlite3.Connection, s: Settlement, moves: _Moves | None = None) -> bool:
+        """Record ``s`` in this transaction. A batch passes its ``moves`` (what its
+        settlements move is summed there and written once); alone, they are written now."""
+        if moves is None:
+            alone = _Moves(self._scopes(conn))
+            done = self._settle(conn, s, alone)
+            self._apply_moves(conn, alone)
+            return done
         res = s.reservation
-        scopes = self._scopes(conn)
+        scopes = moves.scopes
         if res.allotment_id is not None:
             held = []  # a share of an allotment has no row of its own
         elif _HAS_RETURNING:
@@ -857,7 +876,7 @@ class SQLiteLedger(Ledger):
                 spent_delta, reserved_delta = s.cost_nanos, 0
                 self._insert_call(conn, s, _held(res))
                 if res.allotment_id is not None:
-                    self._take_from_allotment(conn, scopes, res, sums)
+                    self._take_from_allotment(conn, res, moves)
             elif row[0] == "expired" and s.status != "expired":
                 # The call outlived its reservation; its real outcome replaces the estimate.
                 spent_delta, reserved_delta = s.cost_nanos - row[1], 0
@@ -872,39 +891,53 @@ class SQLiteLedger(Ledger):
             spent=spent_delta,
             reserved=reserved_delta,
             currency=currency,
-            sums=sums,
+            sums=moves.sums,
         )
         return True
 
     def _take_from_allotment(
-        self,
-        conn: sqlite3.Connection,
-        scopes: Sequence[Scope],
-        share: Reservation,
-        sums: _TotalSums | None,
+        self, conn: sqlite3.Connection, share: Reservation, moves: _Moves
     ) -> None:
         """Move a settled share out of its allotment (if it is still there: an allotment
         given back or expired released its shares already), in the allotment's windows."""
-        found = conn.execute(
-            "SELECT created_at, tags, currency FROM reservations WHERE call_id = ?",
-            (share.allotment_id,),
-        ).fetchone()
-        if found is None:
-            return
-        conn.execute(
-            "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
-            (share.projected_nanos, share.allotment_id),
-        )
-        self._add_totals(
-            conn,
-            scopes,
-            json.loads(found[1]),
-            parse_utc(found[0]),
-            spent=0,
-            reserved=-share.projected_nanos,
-            currency=found[2],
-            sums=sums,
-        )
+        allotment_id = share.allotment_id
+        assert allotment_id is not None
+        if allotment_id not in moves.allotments:
+            found = conn.execute(
+                "SELECT created_at, tags, currency FROM reservations WHERE call_id = ?",
+                (allotment_id,),
+            ).fetchone()
+            moves.allotments[allotment_id] = (
+                None if found is None else (parse_utc(found[0]), json.loads(found[1]), found[2])
+            )
+        if moves.allotments[allotment_id] is not None:
+            moves.taken[allotment_id] = moves.taken.get(allotment_id, 0) + share.projected_nanos
+
+    def _apply_moves(self, conn: sqlite3.Connection, moves: _Moves) -> None:
+        """Write what a transaction's settlements took out of allotments, and their totals
+        (what shares take out of an allotment leaves its own windows' reserved totals)."""
+        for allotment_id, taken in moves.taken.items():
+            conn.execute(
+                "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
+                (taken, allotment_id),
+            )
+            found = moves.allotments[allotment_id]
+            assert found is not None
+            created_at, tags, currency = found
+            self._add_totals(
+                conn,
+                moves.scopes,
+                tags,
+                created_at,
+                spent=0,
+                reserved=-taken,
+                currency=currency,
+                sums=moves.sums,
+            )
+        if moves.sums:
+            _upsert_totals(
+                conn, [(*key, spent, reserved) for key, (spent, reserved) in moves.sums.items()]
+            )
 
     def _insert_call(self, conn: sqlite3.Connection, s: Settlement, held: Sequence[Any]) -> None:
         """The settled row: the reservation's columns (``_HELD``'s order), then the outcome."""
