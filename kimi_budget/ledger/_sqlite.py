@@ -1,14 +1,16 @@
 """The SQLite backend: a ledger in one local file, shared by the processes of one machine.
 
-A call moves through the ledger in two short write transactions:
+A call moves through the ledger in two steps:
 
 1. ``reserve``: ``BEGIN IMMEDIATE``; expire stale reservations; read the budget's window
    totals; refuse if the projected cost does not fit; insert a ``pending`` row and add its
    projected cost to the totals as reserved. Checking and reserving in one transaction is what
-   keeps N processes from overshooting a cap together.
-2. ``settle``: turn the row into its final state (ok, error, abandoned, interrupted,
-   cancelled) with the billed cost, move the amount from reserved to spent. Settling is
-   idempotent by ``call_id``. Triggers keep the ``usage_rollup`` table that reports read.
+   keeps N processes from overshooting a cap together. On the call path (``reserve_call``),
+   calls back to back take shares of an allotment instead (see ``_allotments``).
+2. ``settle``: on the background writer (``_writer``), many per transaction: write the call's
+   row in its final state (ok, error, abandoned, interrupted, cancelled) with the billed cost,
+   move the amount from reserved to spent. Settling is idempotent by ``call_id``. Triggers
+   keep the ``usage_rollup`` table that reports read.
 
 File safety: the file is created 0600 in a 0700 directory, and a file that is not one of our
 ledgers (another SQLite database, a symlink to one, a directory) is refused without a byte

@@ -1,9 +1,11 @@
 """The background settle writer: settlements leave the caller's path, applied in batches.
 
-A guarded call costs its caller ONE synchronous ledger transaction, the reservation. How the
-call ended is handed to this writer (``submit``), which applies the queued settlements on its
-own thread, many per transaction, and keeps the ledger tidy between batches (a WAL checkpoint
-for SQLite, so that no caller's commit ever pays for one).
+A guarded call costs its caller at most ONE synchronous ledger transaction, the reservation
+(none when it takes a share of an allotment). How the call ended is handed to this writer
+(``submit``): a ``Settlement``, or a ``LateSettlement`` whose bill the writer works out first.
+It applies the queued settlements on its own thread, many per transaction, and keeps the
+ledger tidy between batches (a WAL checkpoint for SQLite, so that no caller's commit ever pays
+for one; allotments given back).
 
 Why the cap still holds: a settlement only ever lowers what a reservation holds (the full
 projected cost stays reserved until then), so a check made while settlements wait in the
