@@ -8,6 +8,7 @@ journal lists is charged in full; an unreadable journal costs the whole rest).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ import kimi_budget as kb
 from kimi_budget._budget import window_key
 from kimi_budget._money import to_usd
 from kimi_budget.ledger import Reservation, Settlement
-from kimi_budget.ledger._allotments import CALLS, MODEL, SHARE
+from kimi_budget.ledger._allotments import CALLS, IDLE, MODEL, SHARE
 from kimi_budget.ledger._sqlite import SQLiteLedger
 from kimi_budget.testing import MoonshotStandIn
 from tests.conftest import KEY
@@ -160,6 +161,40 @@ def test_back_to_back_calls_share_one_reservation_transaction(
     ledger.close()
 
 
+def test_an_async_service_s_concurrent_calls_take_shares_on_the_loop(
+    ledger_path: Path, standin: MoonshotStandIn
+) -> None:
+    ledger = kb.Ledger(ledger_path)
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)
+
+    async def main() -> None:
+        client = kb.AsyncOpenAI(
+            api_key=KEY, base_url=standin.base_url, ledger=ledger, budget=kb.Budget(daily="100")
+        )
+        for _ in range(2):  # alone, then with an allotment beside it
+            await client.chat.completions.create(
+                model="kimi-k2.5", messages=[{"role": "user", "content": "hi"}], max_tokens=20
+            )
+        await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model="kimi-k2.5", messages=[{"role": "user", "content": "hi"}], max_tokens=20
+                )
+                for _ in range(10)
+            )
+        )
+        await client.close()
+
+    asyncio.run(main())
+    ledger.conn.set_trace_callback(None)
+    assert len([s for s in statements if s.startswith("INSERT INTO reservations")]) == 3
+    rows = ledger.calls(100)
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
+    assert ledger.pending() == [] and journals(ledger_path) == []
+    ledger.close()
+
+
 def test_an_allotment_is_at_most_an_eighth_of_the_room_and_none_near_the_cap(
     ledger_path: Path,
 ) -> None:
@@ -229,6 +264,22 @@ def test_a_flush_shrinks_an_allotment_to_its_shares_in_flight(ledger_path: Path)
         ledger.flush()
         assert allotment_rows(ledger) == [] and journals(ledger_path) == []
         assert_totals_are_the_rows(ledger, [budget], START)
+
+
+def test_an_allotment_unused_for_a_while_goes_back_at_the_writer_s_upkeep(
+    ledger_path: Path,
+) -> None:
+    with kb.Ledger(ledger_path, clock=lambda: START) as ledger:
+        ledger.reserve_call(reservation("first", START), [])
+        ledger.reserve_call(reservation("second", START), [])
+        assert allotment_rows(ledger)
+        ledger._upkeep()  # what the writer runs between batches: used a moment ago, kept
+        assert allotment_rows(ledger)
+        assert ledger._allotments is not None
+        for allotment in ledger._allotments._held.values():
+            allotment.used_at -= IDLE  # as if a second had passed without a call
+        ledger._upkeep()
+        assert allotment_rows(ledger) == [] and journals(ledger_path) == []
 
 
 def test_a_share_is_only_taken_inside_the_allotment_s_windows(ledger_path: Path) -> None:
