@@ -232,3 +232,31 @@ def test_the_html_page_of_a_server_ledger_shows_what_the_sqlite_original_shows(
         pages.append((re.findall(r"n=\d+", text), re.findall(r"\$[0-9.]+", text)))
     assert pages[0] == pages[1]
     assert len(pages[0][0]) >= 5
+
+
+def test_a_running_process_s_allotment_is_not_copied_but_its_calls_are(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    source = tmp_path / "old.db"
+    now = datetime.now(UTC)
+    running = Ledger(source, clock=lambda: now)
+    shares = []
+    for i in range(3):  # alone, with an allotment beside it, then a share of it
+        res = Reservation(f"live-{i}", "kimi-k2.5", {}, now, now + timedelta(minutes=5), 900_000,
+                          100, 100, 600, 3000)  # fmt: skip
+        shares.append(running.reserve_call(res, [BUDGET]))
+    assert shares[2].allotment_id is not None
+    running._allotments.after_fork()  # type: ignore[union-attr]  # as if another process held it
+    first = copy(str(source), postgres_url)
+    assert (first["read"], first["pending"]) == (2, 2)  # the share is in its allotment's row
+    with Ledger(postgres_url) as server:
+        assert {r["model"] for r in server.pending()} == {"kimi-k2.5"}
+    for res in shares:
+        running.settle(
+            Settlement(res, "ok", 100, 0, 20, 120_000, False, 1, now, request_id=res.call_id)
+        )
+    copy(str(source), postgres_url)  # after the workers stopped: their calls, settled
+    with Ledger(postgres_url) as server:
+        assert server.pending() == [] and len(server.calls(limit=100)) == 3
+        assert server.spend() == Decimal("0.00036")
+    running.close()

@@ -5,7 +5,9 @@ the destination only holds its reservation or its expiry estimate, which the sou
 outcome then settles, exactly as a late settlement would), so running a copy twice doubles
 nothing. Rows go through the destination's own settle and reserve paths, in batches, so its
 window totals stay exact; settled calls keep their outcome, costs and flags, reservations in
-flight stay reservations (they expire in the destination if nobody settles them).
+flight stay reservations (they expire in the destination if nobody settles them). An allotment
+(room a running process reserved for its next calls, see ``_allotments``) is not a call and is
+not copied; its calls are, once they have settled (run the copy again after the workers stop).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from .._budget import parse_utc
+from ._allotments import is_allotment
 from ._backend import Ledger
 from ._records import Reservation, Settlement
 
@@ -135,6 +138,8 @@ def copy_ledger(
             batch.clear()
 
     for row in ledger_rows(source):
+        if row["status"] == "pending" and is_allotment(row["call_id"]):
+            continue  # its journal stays with the source; its calls are copied once settled
         result.read += 1
         if step is not None:
             step(1)
