@@ -136,6 +136,7 @@ def test_back_to_back_calls_share_one_reservation_transaction(
     ledger_path: Path, standin: MoonshotStandIn
 ) -> None:
     ledger = kb.Ledger(ledger_path)
+    ledger._allotment_idle = 3600  # a loaded machine's slow call must not look idle
     statements: list[str] = []
     ledger.conn.set_trace_callback(statements.append)
     client = kb.OpenAI(
@@ -165,6 +166,7 @@ def test_an_async_service_s_concurrent_calls_take_shares_on_the_loop(
     ledger_path: Path, standin: MoonshotStandIn
 ) -> None:
     ledger = kb.Ledger(ledger_path)
+    ledger._allotment_idle = 3600  # a loaded machine's slow call must not look idle
     statements: list[str] = []
     ledger.conn.set_trace_callback(statements.append)
 
@@ -296,6 +298,21 @@ def test_a_share_is_only_taken_inside_the_allotment_s_windows(ledger_path: Path)
         for res in (share, after):
             ledger.settle(ok(res, 500, now[0]))
         assert_totals_are_the_rows(ledger, [budget], now[0])
+
+
+def test_a_budget_scope_registered_since_ends_the_allotment(ledger_path: Path) -> None:
+    with kb.Ledger(ledger_path, clock=lambda: START) as ledger:
+        first = ledger.reserve_call(reservation("first", START), [])
+        ledger.reserve_call(reservation("second", START), [])
+        assert ledger.reserve_call(reservation("third", START), []).allotment_id is not None
+        # Another process starts checking a budget of its own, in a zone whose day ends at
+        # another hour: its windows were not among those the allotment was made for.
+        with kb.Ledger(ledger_path, clock=lambda: START) as other:
+            team = kb.Budget(daily="1", scope={"team": "a"}, tz="Asia/Kolkata")
+            other.reserve(reservation("other", START), [team])
+        ledger._apply_batch([ok(first, 500, START)])  # the writer's next batch reads the scopes
+        after = ledger.reserve_call(reservation("fourth", START), [])
+        assert after.allotment_id is None
 
 
 def test_a_retrying_share_pushes_its_allotment_s_expiry_out_never_in(ledger_path: Path) -> None:

@@ -24,9 +24,9 @@ reservation (one estimated row each), and the unused rest is given back. A journ
 be read costs the whole rest, as one estimated row: uncertainty costs the budget, never the
 wallet.
 
-When an allotment is given back (its rest released, its journal removed): once none of its
-calls is in flight, after it ran out or its window ended, after ``IDLE`` seconds unused, and
-whenever this process flushes (its own reads, a refusal, ``close()``, exit).
+When an allotment is given back: after it ran out or its window ended, after ``IDLE`` seconds
+unused, and whenever this process flushes (its own reads, a refusal, ``close()``, exit). Its
+unused rest is released then; its row and journal go once none of its calls is in flight.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from typing import Any
 
 from .._budget import Budget, parse_utc
 from ._records import Reservation, Settlement, new_call_id
+from ._windows import Scope
 
 __all__ = [
     "CALLS",
@@ -125,6 +126,8 @@ class Allotment:
     reservation: Reservation
     # The budgets it was checked against, kept alive: their ids in its key stay theirs.
     budgets: tuple[Budget, ...]
+    # The budget scopes its windows were chosen among (the ledger's cached list).
+    scopes: Sequence[Scope]
     valid_until: datetime | None  # the end of the first window it was reserved in
     journal: Path
     fd: int
@@ -176,8 +179,14 @@ class Allotments:
         repeated, self._last = key == self._last, key
         return repeated
 
-    def take(self, reservation: Reservation, budgets: Sequence[Budget]) -> Reservation | None:
-        """The reservation as a share of an open allotment, journaled; None if none fits."""
+    def take(
+        self, reservation: Reservation, budgets: Sequence[Budget], scopes: Sequence[Scope]
+    ) -> Reservation | None:
+        """The reservation as a share of an open allotment, journaled; None if none fits.
+
+        ``scopes``: the ledger's budget scopes as last read. A scope registered since the
+        allotment was made (by another process) may have a window that ends sooner.
+        """
         if not self._open:
             return None
         key = self._key(reservation, budgets)
@@ -193,6 +202,7 @@ class Allotments:
                 )
                 and reservation.expires_at <= held.expires_at
                 and reservation.projected_nanos <= allotment.rest
+                and allotment.scopes is scopes
             ):
                 self._close(allotment)  # spent, or outside its windows: a new one is made
                 return None
@@ -240,6 +250,7 @@ class Allotments:
         self,
         reservation: Reservation,
         budgets: Sequence[Budget],
+        scopes: Sequence[Scope],
         amount: int,
         valid_until: datetime | None,
     ) -> Allotment | None:
@@ -267,7 +278,7 @@ class Allotments:
             price_output=0,
             currency=reservation.currency,
         )
-        return Allotment(row, tuple(budgets), valid_until, path, fd, rest=amount)
+        return Allotment(row, tuple(budgets), scopes, valid_until, path, fd, rest=amount)
 
     def add(self, allotment: Allotment, budgets: Sequence[Budget]) -> None:
         """Hand out shares of ``allotment`` (its row is committed)."""

@@ -202,6 +202,7 @@ class SQLiteLedger(Ledger):
         # Journals are named after the file itself: another process may name it otherwise.
         self._allotments = Allotments(Path(self._file), _journal_line) if allotments else None
         self._after_commit: list[Path] = []  # journals of allotments expired in this transaction
+        self._allotment_idle = IDLE_ALLOTMENT  # seconds unused before the writer gives one back
         self._conn = self._open()
         self._db: sqlite_utils.Database | None = None
         self._columns = {row[1] for row in self._conn.execute("PRAGMA table_info(calls)")}
@@ -478,7 +479,7 @@ class SQLiteLedger(Ledger):
         _windows.check_per_call(reservation, applicable)
         allot = False
         if self._allotments is not None:
-            share = self._allotments.take(reservation, applicable)
+            share = self._allotments.take(reservation, applicable, self._scope_cache[1])
             if share is not None:
                 return share
             allot = self._allotments.wanted(reservation, applicable)
@@ -522,7 +523,7 @@ class SQLiteLedger(Ledger):
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
         if allot and self._allotments is not None:
-            share = self._allotments.take(reservation, applicable)
+            share = self._allotments.take(reservation, applicable, self._scope_cache[1])
             if share is not None:
                 return share
             allot = self._allotments.wanted(reservation, applicable)
@@ -607,7 +608,7 @@ class SQLiteLedger(Ledger):
         valid_until = _windows.first_window_end(
             scopes, reservation.tags, reservation.currency, reservation.created_at
         )
-        allotment = self._allotments.start(reservation, applicable, amount, valid_until)
+        allotment = self._allotments.start(reservation, applicable, scopes, amount, valid_until)
         if allotment is not None:
             self._insert_pending(conn, allotment.reservation, reservation.tags)
         return allotment
@@ -719,7 +720,7 @@ class SQLiteLedger(Ledger):
             if ledger._allotments is not None and ledger._allotments.held:
                 ledger._give_back(idle=None)
 
-    def _give_back(self, *, idle: float | None = IDLE_ALLOTMENT) -> None:
+    def _give_back(self, *, idle: float | None) -> None:
         """Release the unused room of this object's allotments that are closed or unused for
         ``idle`` seconds (None: all), and remove those with no share in flight."""
         if self._allotments is None or self._pid != os.getpid() or self._fallback.pending():
@@ -818,7 +819,7 @@ class SQLiteLedger(Ledger):
         if self._pid != os.getpid():
             return
         with contextlib.suppress(Exception):
-            self._give_back()  # allotments closed, or unused for a while
+            self._give_back(idle=self._allotment_idle)  # closed, or unused for a while
         if self._commits == self._checkpointed_at:
             return
         self._checkpointed_at = self._commits
