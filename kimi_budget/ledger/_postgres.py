@@ -779,14 +779,14 @@ class PostgresLedger(Ledger):
 
     def currencies(self) -> list[str]:
         """The currencies settled calls were billed in, USD first (``kimi-budget report``)."""
-
         def read(conn: Any) -> list[str]:
             others = [r[0] for r in conn.execute(OTHER_CURRENCIES_SQL).fetchall()]
             if not others:
                 return ["USD"]  # no scan at all: the usual ledger
             # Stops at the first USD row: a full scan only in a ledger without one.
             has_usd = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM calls WHERE currency = 'USD' AND status <> 'pending')"
+                "SELECT EXISTS (SELECT 1 FROM calls WHERE currency = 'USD' "
+                "AND status <> 'pending')"
             ).fetchone()[0]
             return (["USD"] if has_usd else []) + sorted(others)
 
