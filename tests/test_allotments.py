@@ -516,3 +516,24 @@ def test_totals_stay_the_rows_and_under_the_caps_whatever_happens(
         assert_totals_are_the_rows(ledger, budgets, now[0])
         assert journals(path) == []
         ledger.close()
+
+
+def test_the_report_tells_an_allotment_from_calls_in_flight(ledger_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from kimi_budget.cli import cli
+
+    running = kb.Ledger(ledger_path, clock=lambda: START)
+    budget = kb.Budget(daily="1")
+    for n in range(3):  # alone, with an allotment beside it, then a share of it
+        running.reserve_call(reservation(f"call-{n}", START, 1_000), [budget])
+    [allotment] = allotment_rows(running)
+    assert running._allotments is not None
+    running._allotments.after_fork()  # as if another process, still running, held it
+    runner = CliRunner()
+    data = json.loads(runner.invoke(cli, ["report", "--ledger", str(ledger_path), "--json"]).output)
+    assert (data["pending_calls"], data["pending_allotments"]) == (2, 1)
+    assert data["pending_reserved_usd"] == str(to_usd(2_000 + allotment["projected_nanos"]))
+    text = runner.invoke(cli, ["report", "--ledger", str(ledger_path)]).output
+    assert "2 calls in flight and 1 allotment held by a running process" in text
+    running.close()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from .._budget import format_utc, window_bounds
+from ..ledger._allotments import MODEL as ALLOTMENT_MODEL
 from ..ledger._backend import OTHER_CURRENCIES_SQL
 from ..ledger._windows import as_utc_text as _as_utc_text
 from ._tables import parse_stored, per_million, usd
@@ -81,7 +82,7 @@ _ROLLUP_AGGREGATE = (
 )
 # Reservations in flight are not spend: reports count settled rows only, as Ledger.spend does.
 _SETTLED = "status != 'pending'"
-_EXTRA_CHARGES = "(fee_nanos != 0 OR tags LIKE '%\"api\":\"batch\"%')"
+_EXTRA_CHARGES = '(fee_nanos != 0 OR tags LIKE \'%"api":"batch"%\')'
 _SLOT_MINUTES = ("00", "15", "30", "45")
 _SLOT_STARTS = tuple(f"{minute}:00.000000Z" for minute in _SLOT_MINUTES)
 # format_utc's shape: the GLOB pattern of the rollup's triggers.
@@ -176,7 +177,8 @@ class Report:
     rows: list[ReportRow]
     total: ReportRow
     pending_calls: int = 0
-    pending_nanos: int = 0
+    pending_nanos: int = 0  # reserved by calls in flight and allotments
+    pending_allotments: int = 0  # room running processes reserved for their next calls
     ledger: str = ""
     source: str = "rows"  # what was read: "rollup" or "rows" (not part of the JSON)
     currency: str = "USD"  # the amounts' currency (the *_usd keys of the JSON hold it too)
@@ -200,6 +202,7 @@ class Report:
             "total": self.total.to_json(),
             "rows": [row.to_json() for row in self.rows],
             "pending_calls": self.pending_calls,
+            "pending_allotments": self.pending_allotments,
             "pending_reserved_usd": usd(self.pending_nanos),
             "fees_usd": usd(self.fee_nanos),
             "batches": self.batch_calls,
@@ -375,11 +378,13 @@ def build_report(
     if currency is not None:
         where += " AND currency = ?"
         params.append(currency)
-    pending_calls, pending_nanos = conn.execute(
-        f"SELECT count(*), coalesce(sum(projected_nanos), 0) FROM {ledger.pending_table} "
-        f"WHERE 1 = 1{where}",
+    pending_rows, pending_nanos, pending_allotments = conn.execute(
+        f"SELECT count(*), coalesce(sum(projected_nanos), 0), "
+        f"coalesce(sum(CASE WHEN model = '{ALLOTMENT_MODEL}' THEN 1 ELSE 0 END), 0) "
+        f"FROM {ledger.pending_table} WHERE 1 = 1{where}",
         params,
     ).fetchone()
+    pending_calls = int(pending_rows) - int(pending_allotments)
     # Fees and Batch API spend, from the few rows that have them (the rollup has neither);
     # the condition is the partial index calls_extra_charges' own (migration m005).
     extra = (
@@ -406,8 +411,9 @@ def build_report(
         tags=dict(tags or {}),
         rows=rows,
         total=total,
-        pending_calls=int(pending_calls),
+        pending_calls=pending_calls,
         pending_nanos=int(pending_nanos),
+        pending_allotments=int(pending_allotments),
         ledger=str(ledger.path),
         source=src.name,
     )
@@ -625,8 +631,7 @@ def currencies(ledger: Ledger) -> list[str]:
         return ["USD"]  # no scan at all: the usual ledger
     # Every row is either USD or in the partial index: two counts, neither reads the table.
     (has_usd,) = conn.execute(
-        "SELECT (SELECT count(*) FROM calls) > "
-        "(SELECT count(*) FROM calls WHERE currency <> 'USD')"
+        "SELECT (SELECT count(*) FROM calls) > (SELECT count(*) FROM calls WHERE currency <> 'USD')"
     ).fetchone()
     return (["USD"] if has_usd else []) + sorted(others)
 

@@ -282,11 +282,16 @@ def report_table(report: Report) -> str:
 
 
 def _pending_note(report: Report) -> str:
-    if not report.pending_calls:
+    held = []
+    if n := report.pending_calls:
+        held.append(f"{n} call{'s' if n != 1 else ''} in flight")
+    if n := report.pending_allotments:
+        by = "a running process" if n == 1 else "running processes"
+        held.append(f"{n} allotment{'s' if n != 1 else ''} held by {by}")
+    if not held:
         return ""
-    n = report.pending_calls
     return (
-        f"\n{n} call{'s' if n != 1 else ''} in flight, {dollars(report.pending_nanos)} reserved, "
+        f"\n{' and '.join(held)}, {dollars(report.pending_nanos)} reserved, "
         f"not counted (see `kimi-budget status`)."
     )
 
