@@ -839,6 +839,8 @@ class SQLiteLedger(Ledger):
                 self.settle(settlement)
             except LedgerError as exc:
                 self.write_fallback(settlement, exc)
+                if self._allotments is not None:  # kept in the fallback file: ended here
+                    self._allotments.settled([settlement.reservation.allotment_id])
 
     def _settle(self, conn: sqlite3.Connection, s: Settlement, moves: _Moves | None = None) -> bool:
         """Record ``s`` in this transaction. A batch passes its ``moves`` (what its
