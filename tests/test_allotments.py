@@ -125,6 +125,19 @@ def assert_every_call_in_flight_is_held(ledger: SQLiteLedger, in_flight: list[Re
         assert allotment["projected_nanos"] >= res.projected_nanos
 
 
+def traced_ledger(path: Path) -> tuple[SQLiteLedger, list[str]]:
+    """A ledger whose SQL statements (the writer's too: same connection) are collected."""
+    ledger = kb.Ledger(path)
+    ledger._allotment_idle = 3600  # a loaded machine's slow call must not look idle
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)
+    return ledger, statements
+
+
+def reservation_inserts(statements: list[str]) -> int:
+    return sum(s.startswith("INSERT INTO reservations") for s in statements)
+
+
 def journals(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.name}.allotment-*.jsonl"))
 
@@ -135,10 +148,7 @@ def journals(path: Path) -> list[Path]:
 def test_back_to_back_calls_share_one_reservation_transaction(
     ledger_path: Path, standin: MoonshotStandIn
 ) -> None:
-    ledger = kb.Ledger(ledger_path)
-    ledger._allotment_idle = 3600  # a loaded machine's slow call must not look idle
-    statements: list[str] = []
-    ledger.conn.set_trace_callback(statements.append)
+    ledger, statements = traced_ledger(ledger_path)
     client = kb.OpenAI(
         api_key=KEY, base_url=standin.base_url, ledger=ledger, budget=kb.Budget(daily="100")
     )
@@ -146,10 +156,9 @@ def test_back_to_back_calls_share_one_reservation_transaction(
         client.chat.completions.create(
             model="kimi-k2.5", messages=[{"role": "user", "content": "hi"}], max_tokens=20
         )
-    inserts = [s for s in statements if s.startswith("INSERT INTO reservations")]
     # The first call reserved alone; the second's transaction reserved it and an allotment
     # (its budgets and tags were the first's again); the eight others took shares.
-    assert len(inserts) == 3
+    assert reservation_inserts(statements) == 3
     assert len(journals(ledger_path)) == 1
     ledger.conn.set_trace_callback(None)
 
@@ -165,10 +174,7 @@ def test_back_to_back_calls_share_one_reservation_transaction(
 def test_an_async_service_s_concurrent_calls_take_shares_on_the_loop(
     ledger_path: Path, standin: MoonshotStandIn
 ) -> None:
-    ledger = kb.Ledger(ledger_path)
-    ledger._allotment_idle = 3600  # a loaded machine's slow call must not look idle
-    statements: list[str] = []
-    ledger.conn.set_trace_callback(statements.append)
+    ledger, statements = traced_ledger(ledger_path)
 
     async def main() -> None:
         client = kb.AsyncOpenAI(
@@ -190,7 +196,7 @@ def test_an_async_service_s_concurrent_calls_take_shares_on_the_loop(
 
     asyncio.run(main())
     ledger.conn.set_trace_callback(None)
-    assert len([s for s in statements if s.startswith("INSERT INTO reservations")]) == 3
+    assert reservation_inserts(statements) == 3
     rows = ledger.calls(100)
     assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
     assert ledger.pending() == [] and journals(ledger_path) == []

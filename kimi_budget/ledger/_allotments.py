@@ -38,12 +38,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .._budget import Budget, parse_utc
+from .._budget import Budget
+from ._backend import expired_settlement
 from ._records import Reservation, Settlement, new_call_id
 from ._windows import Scope
 
@@ -56,7 +57,6 @@ __all__ = [
     "journal_path",
     "lost_journal_settlement",
     "read_journal",
-    "share_of_journal",
     "size",
 ]
 
@@ -206,21 +206,7 @@ class Allotments:
             ):
                 self._close(allotment)  # spent, or outside its windows: a new one is made
                 return None
-            share = Reservation(
-                call_id=reservation.call_id,
-                model=reservation.model,
-                tags=reservation.tags,
-                created_at=reservation.created_at,
-                expires_at=reservation.expires_at,
-                projected_nanos=reservation.projected_nanos,
-                prompt_estimate=reservation.prompt_estimate,
-                price_cache_hit=reservation.price_cache_hit,
-                price_cache_miss=reservation.price_cache_miss,
-                price_output=reservation.price_output,
-                stream=reservation.stream,
-                currency=reservation.currency,
-                allotment_id=allotment.id,
-            )
+            share = replace(reservation, allotment_id=allotment.id)
             line = self._line(share)
             why: OSError | None = None
             try:
@@ -348,38 +334,13 @@ class Allotments:
                 del self._open[key]
 
 
-def share_of_journal(row: Sequence[Any], allotment: Reservation) -> Reservation:
-    """A journal line (``_HELD``'s columns) as the reservation of a share of ``allotment``."""
-    return Reservation(
-        call_id=row[0],
-        created_at=parse_utc(row[1]),
-        model=row[2],
-        tags=json.loads(row[3]),
-        stream=bool(row[4]),
-        currency=row[5],
-        projected_nanos=int(row[6]),
-        prompt_estimate=int(row[7]),
-        price_cache_hit=int(row[8]),
-        price_cache_miss=int(row[9]),
-        price_output=int(row[10]),
-        expires_at=allotment.expires_at,
-        allotment_id=allotment.call_id,
-    )
-
-
 def lost_journal_settlement(allotment: Reservation, now: datetime) -> Settlement:
     """An expired allotment whose journal cannot be read: nobody knows which calls it had in
-    flight, so all that it still holds is charged, flagged as estimated."""
-    return Settlement(
-        reservation=allotment,
-        status="expired",
+    flight, so all that it still holds is charged, flagged as estimated (as any reservation
+    that outlived its expiry is, by ``expired_settlement``)."""
+    return replace(
+        expired_settlement(allotment, 0, now),
         prompt_tokens=None,
-        cached_tokens=None,
-        completion_tokens=None,
-        cost_nanos=allotment.projected_nanos,
-        estimated=True,
-        attempts=0,
-        finished_at=now,
         note=(
             "the process holding this allotment ended without giving it back, and its journal "
             "of calls is lost: all it still held is charged as spent"

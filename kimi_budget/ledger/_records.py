@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -129,6 +129,8 @@ def settlement_of(item: Settlement | LateSettlement) -> Settlement:
     try:
         return item.build()
     except Exception as exc:
+        from ._backend import expired_settlement  # (it imports this module)
+
         res = item.reservation
         logger.error(
             "kimi-budget could not read the bill of call %s (%s: %s); it is charged its full "
@@ -137,16 +139,10 @@ def settlement_of(item: Settlement | LateSettlement) -> Settlement:
             type(exc).__name__,
             exc,
         )
-        return Settlement(
-            reservation=res,
+        return replace(
+            expired_settlement(res, 1, datetime.now(timezone.utc)),
             status="ok",
             prompt_tokens=None,
-            cached_tokens=None,
-            completion_tokens=None,
-            cost_nanos=res.projected_nanos,
-            estimated=True,
-            attempts=1,
-            finished_at=datetime.now(timezone.utc),
             note=f"kimi-budget could not read the bill ({type(exc).__name__}); charged the "
             "full reservation",
         )

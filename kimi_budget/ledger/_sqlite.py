@@ -59,7 +59,6 @@ from ._allotments import (
     journal_path,
     lost_journal_settlement,
     read_journal,
-    share_of_journal,
 )
 from ._allotments import size as allotment_size
 from ._backend import (
@@ -477,14 +476,23 @@ class SQLiteLedger(Ledger):
         allotment beside the call (see ``_allotments``)."""
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
-        allot = False
-        if self._allotments is not None:
-            share = self._allotments.take(reservation, applicable, self._scope_cache[1])
-            if share is not None:
-                return share
-            allot = self._allotments.wanted(reservation, applicable)
+        share, allot = self._take_share(reservation, applicable)
+        if share is not None:
+            return share
         self._reserve_or_refuse(reservation, applicable, allot=allot)
         return reservation
+
+    def _take_share(
+        self, reservation: Reservation, applicable: Sequence[Budget]
+    ) -> tuple[Reservation | None, bool]:
+        """A share of an allotment this process holds, if one fits; else None, and whether
+        the call's own transaction should reserve an allotment beside it."""
+        if self._allotments is None:
+            return None, False
+        share = self._allotments.take(reservation, applicable, self._scope_cache[1])
+        if share is not None:
+            return share, False
+        return None, self._allotments.wanted(reservation, applicable)
 
     def _reserve_or_refuse(
         self, reservation: Reservation, applicable: Sequence[Budget], *, allot: bool = False
@@ -522,11 +530,10 @@ class SQLiteLedger(Ledger):
     ) -> Reservation | None:
         applicable = _windows.applicable(budgets, reservation)
         _windows.check_per_call(reservation, applicable)
-        if allot and self._allotments is not None:
-            share = self._allotments.take(reservation, applicable, self._scope_cache[1])
+        if allot:
+            share, allot = self._take_share(reservation, applicable)
             if share is not None:
                 return share
-            allot = self._allotments.wanted(reservation, applicable)
         try:
             refusal = self._reserve(reservation, applicable, wait=False, allot=allot)
         except _WouldWait:
@@ -755,45 +762,42 @@ class SQLiteLedger(Ledger):
         res = allotment.reservation
         release, allotment.rest = allotment.rest, 0
         if allotment.in_flight <= 0:
-            self._drop_allotment_row(conn, scopes, res)
+            self._release_from_allotment_row(conn, scopes, res, None)
             return True
-        if (
-            release
-            and conn.execute(
-                # (An allotment that outlived its expiry was settled by whoever expired it.)
-                "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
-                (release, res.call_id),
-            ).rowcount
-        ):
-            self._add_totals(
-                conn,
-                scopes,
-                res.tags,
-                res.created_at,
-                spent=0,
-                reserved=-release,
-                currency=res.currency,
-            )
+        if release:
+            self._release_from_allotment_row(conn, scopes, res, release)
         return False
 
-    def _drop_allotment_row(
-        self, conn: sqlite3.Connection, scopes: Sequence[Scope], res: Reservation
+    def _release_from_allotment_row(
+        self,
+        conn: sqlite3.Connection,
+        scopes: Sequence[Scope],
+        res: Reservation,
+        amount: int | None,
     ) -> None:
-        """Remove an allotment's row and release whatever it still holds."""
-        row = conn.execute(
-            "SELECT projected_nanos FROM reservations WHERE call_id = ?", (res.call_id,)
-        ).fetchone()
-        if row is None:
+        """Release ``amount`` of what an allotment's row holds; None: all of it, and the row
+        goes. (An allotment that outlived its expiry was settled by whoever expired it.)"""
+        if amount is None:
+            row = conn.execute(
+                "SELECT projected_nanos FROM reservations WHERE call_id = ?", (res.call_id,)
+            ).fetchone()
+            if row is None:
+                return
+            conn.execute("DELETE FROM reservations WHERE call_id = ?", (res.call_id,))
+            amount = int(row[0])
+        elif not conn.execute(
+            "UPDATE reservations SET projected_nanos = projected_nanos - ? WHERE call_id = ?",
+            (amount, res.call_id),
+        ).rowcount:
             return
-        conn.execute("DELETE FROM reservations WHERE call_id = ?", (res.call_id,))
-        if row[0]:
+        if amount:
             self._add_totals(
                 conn,
                 scopes,
                 res.tags,
                 res.created_at,
                 spent=0,
-                reserved=-row[0],
+                reserved=-amount,
                 currency=res.currency,
             )
 
@@ -986,8 +990,8 @@ class SQLiteLedger(Ledger):
             self._settle(conn, lost_journal_settlement(allotment, now))
         else:
             for line in shares:
-                self._settle(conn, expired_settlement(share_of_journal(line, allotment), 1, now))
-            self._drop_allotment_row(conn, self._scopes(conn), allotment)
+                self._settle(conn, expired_settlement(_share_from_journal(line, allotment), 1, now))
+            self._release_from_allotment_row(conn, self._scopes(conn), allotment, None)
         self._after_commit.append(journal)
 
     # -- window totals -----------------------------------------------------------------
@@ -1398,6 +1402,25 @@ def _tag_filter(tags: Mapping[str, str]) -> tuple[str, list[Any]]:
 def _journal_line(res: Reservation) -> bytes:
     """A call's line in an allotment's journal: its reservation as ``_HELD``'s columns."""
     return (json.dumps(_held(res), separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _share_from_journal(line: Sequence[Any], allotment: Reservation) -> Reservation:
+    """A journal line (see ``_journal_line``) as the reservation of a share of ``allotment``."""
+    return Reservation(
+        call_id=line[0],
+        created_at=parse_utc(line[1]),
+        model=line[2],
+        tags=json.loads(line[3]),
+        stream=bool(line[4]),
+        currency=line[5],
+        projected_nanos=int(line[6]),
+        prompt_estimate=int(line[7]),
+        price_cache_hit=int(line[8]),
+        price_cache_miss=int(line[9]),
+        price_output=int(line[10]),
+        expires_at=allotment.expires_at,
+        allotment_id=allotment.call_id,
+    )
 
 
 def _reservation_from_row(row: Sequence[Any]) -> Reservation:
