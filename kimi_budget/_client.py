@@ -642,10 +642,14 @@ class AsyncOpenAI(_Guarded, openai.AsyncOpenAI):
             try_reserve = getattr(ledger, "try_reserve_call" if call else "try_reserve", None)
             if try_reserve is None:
                 return reserve(reservation, budgets)  # a short local transaction
-            recorded = try_reserve(reservation, budgets)
-            if recorded:
-                # Done on the loop: nothing had to wait.
-                return reservation if recorded is True else recorded
+            # ``try_reserve_call`` returns the reservation as recorded, ``try_reserve`` a bool.
+            recorded = (
+                try_reserve(reservation, budgets)
+                if call
+                else (reservation if try_reserve(reservation, budgets) else None)
+            )
+            if recorded is not None:
+                return recorded  # done on the loop: nothing had to wait
             # The local ledger is busy (another process writing, 8 processes contending): the
             # wait for its lock happens in a worker thread, never on the event loop.
         task = asyncio.ensure_future(asyncio.to_thread(reserve, reservation, budgets))

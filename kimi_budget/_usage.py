@@ -70,6 +70,31 @@ def _as_count(value: Any) -> int | None:
     return None
 
 
+def model_field(model: Any, name: str) -> Any:
+    """A field of an SDK object (a pydantic model), or one of the server's extra fields that
+    it keeps; None if it has neither.
+
+    A pydantic v2 model is read through its ``__dict__`` and extras: asking ``getattr`` for a
+    name it lacks raises and catches an AttributeError inside pydantic, which was the slowest
+    part of reading a bill.
+    """
+    extra = getattr(model, "__pydantic_extra__", None)
+    if isinstance(extra, dict):
+        fields = getattr(model, "__dict__", None)
+        if isinstance(fields, dict) and name in fields:
+            return fields[name]
+        if name in extra:
+            return extra[name]
+        if name not in type(model).__dict__ and not hasattr(type(model), name):
+            return None
+    value = getattr(model, name, None)
+    if value is None:
+        extra = getattr(model, "model_extra", None)
+        if isinstance(extra, Mapping):
+            value = extra.get(name)
+    return value
+
+
 class _ModelView:
     """``.get()`` over a pydantic model's fields and extras, nested models included."""
 
@@ -78,8 +103,8 @@ class _ModelView:
     def __init__(self, model: Any) -> None:
         self._model = model
 
-    def get(self, name: str, default: Any = None) -> Any:
-        value = getattr(self._model, name, default)
+    def get(self, name: str) -> Any:
+        value = model_field(self._model, name)
         return _ModelView(value) if hasattr(value, "model_extra") else value
 
 

@@ -167,10 +167,7 @@ def refusal(
 def room(budget: Budget, reservation: Reservation, totals: Mapping[str, tuple[int, int]]) -> int:
     """What the tightest window cap of ``budget`` has left once ``reservation`` is in it."""
     projected = reservation.projected_nanos
-    return min(
-        budget.caps_nanos[window] - spent - reserved - projected
-        for window, (spent, reserved) in ((w, totals[w]) for w in budget.windows)
-    )
+    return min(budget.caps_nanos[w] - sum(totals[w]) - projected for w in budget.windows)
 
 
 def first_window_end(

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from .._usage import model_field
 from ._requests import WEB_SEARCH_TOOL
 
 __all__ = ["ToolCallTally", "cache_write_tokens", "web_search_calls"]
@@ -32,28 +33,9 @@ _WRITE_FIELDS = (
 
 
 def _get(obj: Any, name: str) -> Any:
-    if type(obj) is dict:
+    if type(obj) is dict or isinstance(obj, Mapping):
         return obj.get(name)
-    extra = getattr(obj, "__pydantic_extra__", None)
-    if isinstance(extra, dict):
-        # A pydantic v2 model (the SDK's objects): its fields, then Moonshot's extras. Asking
-        # getattr for a name it lacks raises and catches an AttributeError inside pydantic,
-        # the slowest part of reading a bill.
-        fields = getattr(obj, "__dict__", None)
-        if isinstance(fields, dict) and name in fields:
-            return fields[name]
-        if name in extra:
-            return extra[name]
-        if name not in type(obj).__dict__ and not hasattr(type(obj), name):
-            return None
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    value = getattr(obj, name, None)
-    if value is None:
-        extra = getattr(obj, "model_extra", None)
-        if isinstance(extra, Mapping):
-            value = extra.get(name)
-    return value
+    return model_field(obj, name)
 
 
 def cache_write_tokens(usage: Any) -> int | None:
